@@ -1,0 +1,257 @@
+"""`export_model`: a transformers checkpoint folder -> a verified onnxpipe model folder.
+
+Steps: check the checkpoint, (GGUF -> HF), load it in torch, export with
+optimum-onnx (dynamic axes, KV cache for decoders), optionally fuse with ONNX
+Runtime's transformer optimizer, validate against torch, optionally quantize
+to int8 and measure its fidelity, then write the manifest. Everything is built
+in a temporary sibling folder and renamed into place at the end, so a failed
+export never leaves a folder that looks valid.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import ExportError
+from . import checkpoint as ckpt_mod
+
+log = logging.getLogger("onnxpipe.export")
+
+TASKS = (
+    "text-classification", "token-classification", "question-answering", "fill-mask",
+    "feature-extraction", "text-generation", "text2text-generation",
+)
+TASK_ALIASES = {
+    "sentiment-analysis": "text-classification", "ner": "token-classification",
+    "summarization": "text2text-generation", "translation": "text2text-generation",
+    "causal-lm": "text-generation", "masked-lm": "fill-mask", "seq2seq-lm": "text2text-generation",
+}
+# Model types whose exports ONNX Runtime's transformer optimizer fuses well (STACK.md):
+# encoders only. T5 fuses into RelativePositionBias, which the CPU provider cannot run.
+OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert",
+                         "camembert": "bert", "electra": "bert", "albert": "bert", "mpnet": "bert", "deberta-v2": "bert"}
+WEIGHT_TYPES = ("quint8", "qint8")
+DEFAULT_WEIGHT_TYPE = "quint8"  # on AVX2 CPUs without VNNI, QInt8 saturates (STACK.md): QUInt8 is the safer default
+
+
+def export_model(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    task: str = "auto",
+    *,
+    quantize: str | None = None,
+    weight_type: str = DEFAULT_WEIGHT_TYPE,
+    per_channel: bool = False,
+    reduce_range: bool = False,
+    optimize: bool = False,
+    opset: int | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    validate: bool = True,
+    overwrite: bool = True,
+) -> Path:
+    """Export `checkpoint` for `task` into the model folder `out` and return its path.
+
+    Raises ExportError (a ValueError) with a one-line message on bad input or a
+    failed validation; nothing is left at `out` in that case.
+    """
+    out = Path(out)
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize {quantize!r} is not supported: use int8 (or leave it out for fp32 only)")
+    if weight_type.lower() not in WEIGHT_TYPES:
+        raise ExportError(f"--weight-type {weight_type!r} is not supported: use one of {', '.join(WEIGHT_TYPES)}")
+    source = ckpt_mod.inspect_checkpoint(checkpoint)
+    _check_out_dir(out, overwrite)
+
+    import torch  # heavy imports only after the cheap checks
+
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-export-") as scratch:
+        hf_dir = source.path
+        if source.gguf_file:
+            log.info("converting GGUF %s to a transformers checkpoint", source.gguf_file)
+            hf_dir = ckpt_mod.gguf_to_hf(source.path, source.gguf_file, Path(scratch) / "hf")
+        config = ckpt_mod.load_config(hf_dir)
+        task = resolve_task(task, config)
+        ckpt_mod.check_task_supported(config, task)
+        tokenizer = ckpt_mod.load_tokenizer(hf_dir)
+        model = ckpt_mod.load_model(hf_dir, task)
+
+        tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        try:
+            roles = _export_onnx(model, task, tmp_out, opset)
+            tokenizer.save_pretrained(tmp_out)
+            if not (tmp_out / "tokenizer.json").exists():
+                raise ExportError(f"checkpoint {source.path} has a tokenizer without a fast (tokenizer.json) form; "
+                                  "onnxpipe needs one: save it with a transformers *TokenizerFast first")
+            optimization = _maybe_optimize(tmp_out, roles, config, optimize)
+            from .validate import validate_export, measure_fidelity
+            validation = validate_export(model, tokenizer, task, tmp_out, roles, atol=atol, rtol=rtol) if validate \
+                else {"passed": None, "skipped": True, "results": []}
+            if validate and not validation["passed"]:
+                worst = max(validation["results"], key=lambda r: r["max_abs_diff"] / max(r["tolerance"], 1e-30))
+                raise ExportError(
+                    f"validation failed: {worst['role']}/{worst['output']} differs from torch by "
+                    f"{worst['max_abs_diff']:.3g} > tolerance {worst['tolerance']:.3g} ({worst['case']}); "
+                    "raise --atol/--rtol if this model is known to be less exact")
+            quantization = None
+            if quantize == "int8":
+                from .quantize import quantize_int8
+                int8_roles = quantize_int8(tmp_out, roles, weight_type=weight_type, per_channel=per_channel,
+                                           reduce_range=reduce_range)
+                fidelity = measure_fidelity(model, tokenizer, task, tmp_out, int8_roles)
+                quantization = {"precision": "int8", "method": "dynamic", "weight_type": _wt_name(weight_type),
+                                "per_channel": per_channel, "reduce_range": reduce_range, "fidelity": fidelity}
+                _warn_if_poor(fidelity)
+            from .manifest import write_manifest
+            write_manifest(tmp_out, task=task, config=config, tokenizer=tokenizer, model=model, roles=roles,
+                           validation=validation, optimization=optimization, quantization=quantization,
+                           source=source, hf_dir=hf_dir)
+            _install(tmp_out, out)
+        except BaseException:
+            shutil.rmtree(tmp_out, ignore_errors=True)
+            raise
+    return out
+
+
+def resolve_task(task: str, config) -> str:
+    task = TASK_ALIASES.get(task, task)
+    if task == "auto":
+        return infer_task(config)
+    if task not in TASKS:
+        raise ExportError(f"unknown task {task!r}: use one of {', '.join(TASKS)} or auto")
+    return task
+
+
+def infer_task(config) -> str:
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        for suffix, task in (
+            ("ForSequenceClassification", "text-classification"),
+            ("ForTokenClassification", "token-classification"),
+            ("ForQuestionAnswering", "question-answering"),
+            ("ForMaskedLM", "fill-mask"),
+            ("ForCausalLM", "text-generation"),
+            ("LMHeadModel", "text-generation"),
+        ):
+            if arch.endswith(suffix):
+                return task
+        if arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+            return "text2text-generation"
+        if arch.endswith("Model"):
+            return "feature-extraction"
+    raise ExportError(f"cannot infer the task from architectures {archs or 'None'} in config.json: "
+                      f"pass --task (one of {', '.join(TASKS)})")
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"output {out} exists and is not a folder: choose another --out")
+        entries = [p for p in out.iterdir()]
+        if entries and not (out / "onnxpipe.json").exists():
+            raise ExportError(f"output folder {out} is not empty and is not an onnxpipe model folder: "
+                              "choose an empty or new --out")
+        if entries and not overwrite:
+            raise ExportError(f"output folder {out} already holds a model: remove it or allow overwriting")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the output folder's parent {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"output folder {out} is not writable (no write permission on {parent}): choose another --out")
+
+
+def _install(tmp_out: Path, out: Path) -> None:
+    """Move the finished folder into place; the manifest was written last, so a half-copied folder has none."""
+    os.chmod(tmp_out, 0o755)  # mkdtemp makes it 0700
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        try:
+            os.replace(tmp_out, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_out, out)
+
+
+def _export_onnx(model, task: str, out: Path, opset: int | None) -> dict[str, str]:
+    """Run optimum's exporter; return role -> fp32 onnx file name."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    optimum_task = task + "-with-past" if task in ("text-generation", "text2text-generation") else task
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            onnx_export_from_model(model, output=out, task=optimum_task, opset=opset, do_validation=False,
+                                   no_post_process=True)
+        except ExportError:
+            raise
+        except Exception as e:  # optimum raises many kinds; keep the one line that says why
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"optimum's ONNX exporter failed for {model.config.model_type} / {task}: {msg}") from e
+    if task == "text2text-generation":
+        roles = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
+                 "decoder_with_past": "decoder_with_past_model.onnx"}
+        for extra in ("decoder_model_merged.onnx",):
+            (out / extra).unlink(missing_ok=True)
+    else:
+        roles = {"model": "model.onnx"}
+    for name in roles.values():
+        if not (out / name).exists():
+            raise ExportError(f"optimum's exporter did not write {name} for {task}: this architecture is not supported")
+    return roles
+
+
+def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
+    if not optimize:
+        return {"applied": False, "note": "not requested (--optimize)"}
+    model_type = OPTIMIZER_MODEL_TYPES.get(config.model_type)
+    if model_type is None or set(roles) != {"model"}:
+        note = (f"skipped: ONNX Runtime's transformer fusions are applied to encoder models only "
+                f"({', '.join(sorted(OPTIMIZER_MODEL_TYPES))}); {config.model_type} gains nothing or breaks "
+                "(T5 fuses into RelativePositionBias, which the CPU provider cannot run)")
+        log.warning(note)
+        return {"applied": False, "note": note}
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = out / roles["model"]
+    num_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", 0)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden, opt_level=1)
+    before = _count_nodes(path)
+    opt.save_model_to_file(str(path))
+    return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
+            "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": opt.get_fused_operator_statistics()}
+
+
+def _count_nodes(path: Path) -> int:
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _wt_name(weight_type: str) -> str:
+    return {"quint8": "QUInt8", "qint8": "QInt8"}[weight_type.lower()]
+
+
+def _warn_if_poor(fidelity: dict) -> None:
+    for role, outputs in fidelity.items():
+        for name, f in outputs.items():
+            agree = f.get("top1_agreement")
+            cos = f.get("min_cosine")
+            if (agree is not None and agree < 0.9) or (cos is not None and cos < 0.99):
+                warnings.warn(f"int8 {role}/{name} is far from fp32 (top-1 agreement {agree}, min cosine {cos}, "
+                              f"max abs diff {f['max_abs_diff']:.3g}): check accuracy before serving model.int8.onnx, "
+                              "or try --weight-type/--per-channel/--reduce-range", stacklevel=3)

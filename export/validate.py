@@ -1,0 +1,252 @@
+"""Check an export against the torch model it came from, on several batch sizes and lengths.
+
+`validate_export` runs every ONNX role (fp32) on the same inputs as torch and
+records the max abs difference of each output, over real (unpadded)
+positions only; `measure_fidelity` does the same for the int8 files and adds
+top-1 agreement (logits) or the minimum cosine similarity (hidden states).
+Decoders are checked at prefill and at two cached decode steps, feeding the
+ONNX model its own `present.*` back, as the runtime does.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+SAMPLE_TEXTS = [
+    "Hello world",
+    "Hugging Face is based in DUMBO, New York City, and is very close to the Manhattan Bridge.",
+    "Café crème brûlée — 서울은 대한민국의 수도입니다 😀 東京",
+    "The quick brown fox jumps over the lazy dog. " * 12,
+]
+
+
+def validate_export(model, tokenizer, task, out_dir, roles, atol=1e-4, rtol=1e-4) -> dict:
+    results = []
+    for role, case, name, ref, got, mask in _compare_cases(model, tokenizer, task, out_dir, roles):
+        diff = _masked_max_abs_diff(ref, got, mask)
+        tol = atol + rtol * float(np.max(np.abs(ref))) if ref.size else atol
+        results.append({"role": role, "case": case, "output": name, "max_abs_diff": diff,
+                        "tolerance": tol, "passed": bool(diff <= tol)})
+    return {"passed": all(r["passed"] for r in results), "atol": atol, "rtol": rtol, "results": results}
+
+
+def measure_fidelity(model, tokenizer, task, out_dir, roles) -> dict:
+    """int8 vs torch fp32: per role and output, the worst case over all sample inputs."""
+    fidelity: dict = {}
+    for role, case, name, ref, got, mask in _compare_cases(model, tokenizer, task, out_dir, roles):
+        if name.startswith("present"):
+            continue
+        entry = fidelity.setdefault(role, {}).setdefault(name, {"max_abs_diff": 0.0})
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], _masked_max_abs_diff(ref, got, mask))
+        r, g = _masked_rows(ref, mask), _masked_rows(got, mask)
+        if "logits" in name:
+            agree = float(np.mean(np.argmax(r, -1) == np.argmax(g, -1)))
+            entry["top1_agreement"] = min(entry.get("top1_agreement", 1.0), agree)
+        else:
+            cos = np.sum(r * g, -1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1) + 1e-12)
+            entry["min_cosine"] = min(entry.get("min_cosine", 1.0), float(np.min(cos)))
+    return fidelity
+
+
+# --- the cases ---------------------------------------------------------------------------------
+
+def _compare_cases(model, tokenizer, task, out_dir, roles):
+    sessions = {role: _session(out_dir / f) for role, f in roles.items()}
+    if task == "text-generation":
+        yield from _decoder_cases(model, tokenizer, sessions["model"])
+    elif task == "text2text-generation":
+        yield from _seq2seq_cases(model, tokenizer, sessions)
+    else:
+        yield from _encoder_cases(model, tokenizer, sessions["model"])
+
+
+def _encoder_cases(model, tokenizer, sess):
+    import torch
+
+    max_len = min(128, tokenizer.model_max_length)
+    cases = {
+        "batch=1": tokenizer([SAMPLE_TEXTS[0]], return_tensors="np"),
+        "batch=3,padded": tokenizer(SAMPLE_TEXTS[:3], padding=True, return_tensors="np"),
+        f"batch=2,len={max_len}": tokenizer(SAMPLE_TEXTS[2:], padding=True, truncation=True, max_length=max_len, return_tensors="np"),
+        "pair,batch=2": tokenizer(SAMPLE_TEXTS[:2], SAMPLE_TEXTS[1:3], padding=True, return_tensors="np"),
+    }
+    input_names = [i.name for i in sess.get_inputs()]
+    output_names = [o.name for o in sess.get_outputs()]
+    for case, enc in cases.items():
+        feeds = {n: enc[n].astype(np.int64) for n in input_names if n in enc}
+        if "token_type_ids" in input_names and "token_type_ids" not in feeds:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        _require(feeds, input_names, "model")
+        got = dict(zip(output_names, sess.run(None, feeds)))
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        mask = feeds["attention_mask"]
+        for name in output_names:
+            r = ref[name].numpy()
+            per_token = r.ndim == 3 or name in ("start_logits", "end_logits")
+            yield "model", case, name, r, got[name], mask if per_token else None
+
+
+def _decoder_cases(model, tokenizer, sess):
+    import torch
+
+    input_names = [i.name for i in sess.get_inputs()]
+    output_names = [o.name for o in sess.get_outputs()]
+    past_names = [n for n in input_names if n.startswith("past_key_values")]
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    try:
+        prompts = {"batch=1": [SAMPLE_TEXTS[1]], "batch=2,left-padded": [SAMPLE_TEXTS[0], SAMPLE_TEXTS[2]]}
+        for case, texts in prompts.items():
+            enc = tokenizer(texts, return_tensors="np", padding=True) if tokenizer.pad_token_id is not None else \
+                _left_pad([tokenizer(t)["input_ids"] for t in texts], pad)
+            ids = enc["input_ids"].astype(np.int64)
+            mask = enc["attention_mask"].astype(np.int64)
+            batch = ids.shape[0]
+            past = {}
+            for n in past_names:
+                heads, head_dim = shapes[n][1], shapes[n][3]
+                past[n] = np.zeros((batch, heads, 0, head_dim), np.float32)
+            torch_cache = None
+            step_ids = ids
+            for step in range(3):
+                pos = np.cumsum(mask, -1) - 1
+                pos[mask == 0] = 1
+                pos = pos[:, -step_ids.shape[1]:]
+                feeds = {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos, **past}
+                feeds = {k: v for k, v in feeds.items() if k in input_names}
+                _require(feeds, input_names, "model")
+                got = dict(zip(output_names, sess.run(None, feeds)))
+                with torch.no_grad():
+                    kw = dict(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(mask),
+                              past_key_values=torch_cache, use_cache=True)
+                    if "position_ids" in input_names:
+                        kw["position_ids"] = torch.from_numpy(pos)
+                    ref = model(**kw)
+                torch_cache = ref.past_key_values
+                name = "prefill" if step == 0 else f"decode step {step}"
+                step_mask = mask[:, -step_ids.shape[1]:]
+                yield "model", f"{case},{name}", "logits", ref.logits.numpy(), got["logits"], step_mask
+                for i, (k, v) in enumerate(_cache_layers(torch_cache)):
+                    for kind, t in (("key", k), ("value", v)):
+                        yield "model", f"{case},{name}", f"present.{i}.{kind}", t.numpy(), got[f"present.{i}.{kind}"], \
+                            _kv_mask(mask)
+                past = {n: got[n.replace("past_key_values", "present")] for n in past_names}
+                nxt = np.argmax(got["logits"][:, -1], -1)[:, None].astype(np.int64)
+                step_ids = nxt
+                mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
+    finally:
+        tokenizer.padding_side = old_side
+
+
+def _seq2seq_cases(model, tokenizer, sessions):
+    import torch
+    from transformers.modeling_outputs import BaseModelOutput
+
+    enc_sess, dec_sess, past_sess = sessions["encoder"], sessions["decoder"], sessions["decoder_with_past"]
+    start = model.config.decoder_start_token_id
+    for case, texts in {"batch=1": [SAMPLE_TEXTS[1]], "batch=2,padded": [SAMPLE_TEXTS[0], SAMPLE_TEXTS[2]]}.items():
+        enc = tokenizer(texts, return_tensors="np", padding=True)
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        enc_feeds = {"input_ids": ids, "attention_mask": mask}
+        hidden = enc_sess.run(None, {k: v for k, v in enc_feeds.items() if k in _names(enc_sess)})[0]
+        with torch.no_grad():
+            encoder = model.get_encoder()
+            kw = {"use_cache": False} if "use_cache" in inspect.signature(encoder.forward).parameters else {}
+            ref_enc = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), return_dict=True, **kw)
+        yield "encoder", case, "last_hidden_state", ref_enc.last_hidden_state.numpy(), hidden, mask
+        batch = ids.shape[0]
+        dec_ids = np.full((batch, 1), start, np.int64)
+        feeds = {"input_ids": dec_ids, "encoder_attention_mask": mask, "encoder_hidden_states": hidden}
+        names = _names(dec_sess)
+        _require(feeds, [n.name for n in dec_sess.get_inputs()], "decoder")
+        got = dict(zip([o.name for o in dec_sess.get_outputs()], dec_sess.run(None, {k: feeds[k] for k in names})))
+        with torch.no_grad():
+            ref = model(encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc.last_hidden_state),
+                        attention_mask=torch.from_numpy(mask), decoder_input_ids=torch.from_numpy(dec_ids), use_cache=True)
+        yield "decoder", case, "logits", ref.logits.numpy(), got["logits"], None
+        cache = ref.past_key_values
+        past = {n.replace("present", "past_key_values"): v for n, v in got.items() if n.startswith("present")}
+        past_names = [n.name for n in past_sess.get_inputs()]
+        for step in (1, 2):
+            nxt = np.argmax(got["logits"][:, -1], -1)[:, None].astype(np.int64)
+            feeds = {"input_ids": nxt, "encoder_attention_mask": mask, "encoder_hidden_states": hidden, **past}
+            _require(feeds, past_names, "decoder_with_past")
+            got_new = dict(zip([o.name for o in past_sess.get_outputs()], past_sess.run(None, {k: feeds[k] for k in past_names})))
+            with torch.no_grad():
+                ref = model(encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc.last_hidden_state),
+                            attention_mask=torch.from_numpy(mask), decoder_input_ids=torch.from_numpy(nxt),
+                            past_key_values=cache, use_cache=True)
+            cache = ref.past_key_values
+            yield "decoder_with_past", f"{case},decode step {step}", "logits", ref.logits.numpy(), got_new["logits"], None
+            for n, v in got_new.items():
+                if n.startswith("present"):
+                    past[n.replace("present", "past_key_values")] = v
+            got = got_new
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _session(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _names(sess):
+    return [i.name for i in sess.get_inputs()]
+
+
+def _require(feeds, input_names, role):
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        from .errors import ExportError
+        raise ExportError(f"exported {role} graph wants inputs onnxpipe does not know how to feed: {', '.join(missing)}")
+
+
+def _left_pad(seqs, pad):
+    n = max(len(s) for s in seqs)
+    ids = np.array([[pad] * (n - len(s)) + s for s in seqs], np.int64)
+    mask = np.array([[0] * (n - len(s)) + [1] * len(s) for s in seqs], np.int64)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _cache_layers(cache):
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "to_legacy_cache"):
+        return cache.to_legacy_cache()
+    return cache
+
+
+def _kv_mask(mask):
+    return ("kv", mask)
+
+
+def _masked_rows(x, mask):
+    """Rows (positions) of x that are real tokens, flattened to [n, last_dim]."""
+    if mask is None:
+        return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x[None]
+    if isinstance(mask, tuple):  # kv layout [batch, heads, seq, head_dim]: mask on axis 2
+        m = mask[1].astype(bool)
+        if x.ndim == 4 and x.shape[2] == m.shape[1]:
+            return np.concatenate([x[b][:, m[b]].reshape(-1, x.shape[-1]) for b in range(x.shape[0])])
+        return x.reshape(-1, x.shape[-1])
+    m = mask.astype(bool)
+    if x.ndim >= 2 and x.shape[:2] == m.shape:
+        return x[m].reshape(-1, x.shape[-1]) if x.ndim > 2 else x[m][:, None]
+    return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x[None]
+
+
+def _masked_max_abs_diff(ref, got, mask):
+    if ref.shape != got.shape:
+        return float("inf")
+    if ref.size == 0:
+        return 0.0
+    r, g = _masked_rows(ref, mask), _masked_rows(got, mask)
+    return float(np.max(np.abs(r - g))) if r.size else 0.0

@@ -1,0 +1,134 @@
+"""The `onnxpipe` command: export, run, models, serve."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="onnxpipe", description="Transformers tasks on ONNX Runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("export", help="export a transformers checkpoint to a verified onnxpipe model folder")
+    ex.add_argument("checkpoint", help="folder with config.json, weights and tokenizer files (or one .gguf file)")
+    ex.add_argument("--task", default="auto", help="text-classification, token-classification, question-answering, "
+                    "fill-mask, feature-extraction, text-generation, text2text-generation, or auto (default)")
+    ex.add_argument("--out", required=True, help="model folder to write")
+    ex.add_argument("--quantize", choices=["int8"], default=None, help="also write dynamic int8 *.int8.onnx files")
+    ex.add_argument("--weight-type", choices=["quint8", "qint8"], default="quint8",
+                    help="int8 weight type (default quint8: safer on AVX2 CPUs without VNNI)")
+    ex.add_argument("--per-channel", action="store_true", help="per-channel int8 weight scales")
+    ex.add_argument("--reduce-range", action="store_true", help="7-bit weights (avoids saturation on non-VNNI CPUs)")
+    ex.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer fusions (encoders)")
+    ex.add_argument("--opset", type=int, default=None)
+    ex.add_argument("--atol", type=float, default=1e-4, help="validation: absolute tolerance (default 1e-4)")
+    ex.add_argument("--rtol", type=float, default=1e-4, help="validation: tolerance relative to the output's max |value|")
+    ex.add_argument("--no-validate", action="store_true", help="skip the comparison with torch (not recommended)")
+
+    run = sub.add_parser("run", help="run a task on texts and print JSON")
+    run.add_argument("task")
+    run.add_argument("texts", nargs="+")
+    run.add_argument("--model", default=None, help="model folder (default: the task's built-in default)")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                     help="pipeline option, value parsed as JSON when it can be (e.g. -o top_k=3)")
+
+    sub.add_parser("models", help="list the built-in default models")
+    bd = sub.add_parser("build", help="build built-in default models")
+    bd.add_argument("names", nargs="*", help="default model names or tasks (default: all)")
+
+    sv = sub.add_parser("serve", help="serve model folders over HTTP")
+    sv.add_argument("--model", action="append", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=8)
+    sv.add_argument("--max-wait-ms", type=float, default=5.0)
+    sv.add_argument("--workers", type=int, default=1)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return {"export": _export, "run": _run, "models": _models, "build": _build, "serve": _serve}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"onnxpipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _export(args) -> int:
+    try:
+        from onnxpipe.export import export_model
+    except ImportError as e:
+        raise ValueError(f"export needs the export extra ({e.name} is missing): pip install 'onnxpipe[export]'") from None
+    out = export_model(args.checkpoint, args.out, args.task, quantize=args.quantize, weight_type=args.weight_type,
+                       per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
+                       opset=args.opset, atol=args.atol, rtol=args.rtol, validate=not args.no_validate)
+    manifest = json.loads((out / "onnxpipe.json").read_text())
+    v = manifest["validation"]
+    worst = max((r["max_abs_diff"] for r in v["results"]), default=0.0)
+    print(f"exported {manifest['task']} ({manifest['architecture']}) to {out}: validation "
+          f"{'passed' if v['passed'] else 'skipped'} (max abs diff {worst:.2g})")
+    return 0
+
+
+def _parse_options(pairs):
+    opts = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--option {pair!r} must be KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            opts[key] = json.loads(value)
+        except ValueError:
+            opts[key] = value
+    return opts
+
+
+def _run(args) -> int:
+    from onnxpipe import pipeline
+
+    pipe = pipeline(args.task, model=args.model, device=args.device, precision=args.precision)
+    opts = _parse_options(args.option)
+    inputs = args.texts if len(args.texts) > 1 else args.texts[0]
+    print(json.dumps(pipe(inputs, **opts), ensure_ascii=False, indent=2, default=_np_default))
+    return 0
+
+
+def _np_default(o):
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def _models(args) -> int:
+    from onnxpipe.models import list_models_table
+
+    print(list_models_table())
+    return 0
+
+
+def _build(args) -> int:
+    from onnxpipe.models import build_defaults
+
+    build_defaults(args.names or None)
+    return 0
+
+
+def _serve(args) -> int:
+    try:
+        from onnxpipe.server import serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the server extra ({e.name} is missing): pip install 'onnxpipe[server]'") from None
+    serve(args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+          max_wait_ms=args.max_wait_ms, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""A loaded model folder: its manifest, tokenizer and ONNX sessions. Serve time: onnxruntime + tokenizers + numpy."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .session import Session
+from .tokenizer import Tokenizer
+
+MANIFEST_NAME = "onnxpipe.json"
+SUPPORTED_FORMAT = 1
+PRECISIONS = ("fp32", "int8")
+
+
+class ModelDir:
+    """The exported folder, read once: `manifest`, `tokenizer`, and `session(role)` created on demand.
+
+    >>> m = ModelDir("models/sst2")           # doctest: +SKIP
+    >>> m.session().run({"input_ids": ...})    # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", device: str = "cpu",
+                 intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
+                 session_options=None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is not supported: use one of {', '.join(PRECISIONS)}")
+        missing = [role for role, files in self.manifest["files"].items() if precision not in files]
+        if missing:
+            raise ValueError(f"model dir '{self.path}' has no {precision} file for {', '.join(missing)}: "
+                             f"export it with --quantize int8, or use precision='fp32'")
+        self.precision = precision
+        self.device = device
+        self._session_kwargs = dict(device=device, intra_op_num_threads=intra_op_num_threads,
+                                    inter_op_num_threads=inter_op_num_threads, session_options=session_options)
+        self.tokenizer = Tokenizer(self.path / self.manifest["tokenizer"].get("file", "tokenizer.json"),
+                                   self.manifest["tokenizer"])
+        self._sessions: dict[str, Session] = {}
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.manifest["files"])
+
+    def session(self, role: str = "model") -> Session:
+        if role not in self._sessions:
+            entry = self.manifest["files"].get(role)
+            if entry is None:
+                raise ValueError(f"model dir '{self.path}' has no '{role}' graph (it has: {', '.join(self.roles)})")
+            self._sessions[role] = Session(self.path / entry[self.precision]["path"], **self._session_kwargs)
+        return self._sessions[role]
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r}, task={self.task!r}, precision={self.precision!r}, device={self.device!r})"
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model dir '{path}' does not exist: export a checkpoint with `onnxpipe export CHECKPOINT "
+                                f"--out {path}`")
+    if not path.is_dir():
+        raise ValueError(f"model '{path}' is not a folder: pass the folder written by `onnxpipe export`")
+    mpath = path / MANIFEST_NAME
+    if not mpath.exists():
+        raise ValueError(f"model dir '{path}' has no {MANIFEST_NAME}: export it first with onnxpipe export")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model dir '{path}' has an unreadable {MANIFEST_NAME} ({e}): export it again") from None
+    version = manifest.get("format_version")
+    if version != SUPPORTED_FORMAT:
+        raise ValueError(f"model dir '{path}' has manifest format {version!r}; this onnxpipe reads format "
+                         f"{SUPPORTED_FORMAT}: export it again with this version")
+    for key in ("task", "files", "tokenizer"):
+        if key not in manifest:
+            raise ValueError(f"model dir '{path}': {MANIFEST_NAME} lacks '{key}': export it again")
+    for role, files in manifest["files"].items():
+        for precision, entry in files.items():
+            if not (path / entry["path"]).exists():
+                raise ValueError(f"model dir '{path}' is incomplete: {entry['path']} ({role}, {precision}) is missing; "
+                                 "export it again")
+    return manifest

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random checkpoints and their exports, cached under .cache/tests (git-ignored).
+
+The export cache key includes a hash of export/*.py, so changing the exporter rebuilds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("ONNXPIPE_TEST_CACHE", ROOT / ".cache" / "tests"))
+ENCODER_ARCHS = ("bert", "distilbert", "roberta")
+DECODER_ARCHS = ("gpt2", "llama")
+SEQ2SEQ_ARCHS = ("t5", "bart")
+
+
+def _export_code_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "export").glob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def tiny_checkpoint(arch: str, task: str, **overrides) -> Path:
+    from onnxpipe.export.tiny import cached_checkpoint
+
+    (CACHE / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return cached_checkpoint(arch, task, CACHE / "checkpoints", **overrides)
+
+
+def tiny_export(arch: str, task: str, *, quantize: str | None = "int8", optimize: bool = False, **overrides) -> Path:
+    """Export (once per exporter version) the tiny `arch` checkpoint for `task`; returns the model dir."""
+    from onnxpipe.export import export_model
+
+    ckpt = tiny_checkpoint(arch, task, **overrides)
+    key = json.dumps([str(ckpt), quantize, optimize, _export_code_hash()])
+    out = CACHE / "exports" / f"{ckpt.name}-{'opt' if optimize else 'plain'}-{quantize or 'fp32'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    if not (out / "onnxpipe.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        export_model(ckpt, out, task, quantize=quantize, optimize=optimize)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """`tiny.checkpoint(arch, task)` and `tiny.export(arch, task, quantize=..., optimize=...)`."""
+
+    class _Tiny:
+        checkpoint = staticmethod(tiny_checkpoint)
+        export = staticmethod(tiny_export)
+
+    return _Tiny()
