@@ -86,6 +86,7 @@ def export_model(
         try:
             roles = _export_onnx(model, task, tmp_out, opset)
             tokenizer.save_pretrained(tmp_out)
+            _prune_tokenizer_sources(tmp_out)
             if not (tmp_out / "tokenizer.json").exists():
                 raise ExportError(f"checkpoint {source.path} has a tokenizer without a fast (tokenizer.json) form; "
                                   "onnxpipe needs one: save it with a transformers *TokenizerFast first")
@@ -193,7 +194,7 @@ def _export_onnx(model, task: str, out: Path, opset: int | None) -> dict[str, st
         warnings.simplefilter("ignore")
         try:
             onnx_export_from_model(model, output=out, task=optimum_task, opset=opset, do_validation=False,
-                                   no_post_process=True)
+                                   no_post_process=False)  # post-processing dedups tied weights
         except ExportError:
             raise
         except Exception as e:  # optimum raises many kinds; keep the one line that says why
@@ -210,6 +211,16 @@ def _export_onnx(model, task: str, out: Path, opset: int | None) -> dict[str, st
         if not (out / name).exists():
             raise ExportError(f"optimum's exporter did not write {name} for {task}: this architecture is not supported")
     return roles
+
+
+# Slow-tokenizer sources the runtime never reads (tokenizer.json has it all); SmolLM2's GGUF
+# tokenizer.model alone is 98 MB.
+_TOKENIZER_SOURCES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json", "merges.txt")
+
+
+def _prune_tokenizer_sources(out: Path) -> None:
+    for name in _TOKENIZER_SOURCES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:

@@ -133,7 +133,7 @@ def _tokenizer_info(tok, config) -> dict:
     if mml is None or mml > 1_000_000:
         mml = None
     names = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"]
-    special = {n: getattr(tok, n, None) if getattr(tok, "_" + n, None) is not None else None for n in names}
+    special = {n: tok.special_tokens_map.get(n) for n in names}
     special_ids = {n + "_id": (tok.convert_tokens_to_ids(v) if v is not None else None) for n, v in special.items()}
     return {
         "file": "tokenizer.json",

