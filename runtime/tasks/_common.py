@@ -1,4 +1,4 @@
-"""Helpers shared by the encoder tasks: input checks, batching with padding, softmax/sigmoid.
+"""Helpers shared by the encoder tasks: input checks, tokenizing, batching with padding, softmax/sigmoid.
 
 `run_batched` is transformers' DataLoader + `pad_collate_fn` + unbatching in numpy: items
 preprocessed one by one are padded into batches of `batch_size`, run, and split back into
@@ -11,6 +11,12 @@ from typing import Callable
 
 import numpy as np
 
+from ..base import Pipeline
+from ..tokenizer import to_numpy
+
+TOKENIZER_KWARGS = ("truncation", "max_length", "padding", "add_special_tokens")
+_TRUNCATION = (True, False, "longest_first", "only_first", "only_second", "do_not_truncate")
+_PADDING = (True, False, "longest", "max_length", "do_not_pad")
 # transformers' pad_collate_fn pads these keys with 1 (they mark "not a real token"); input_ids
 # takes the tokenizer's pad id, everything else 0.
 _PAD_WITH_ONE = {"p_mask", "special_tokens_mask"}
@@ -28,6 +34,76 @@ def check_texts(inputs, arg_name: str = "inputs") -> tuple[list[str], bool]:
                 raise TypeError(f"{arg_name}[{i}] must be a string, got {type(x).__name__}")
         return list(inputs), False
     raise TypeError(f"{arg_name} must be a string or a list of strings, got {type(inputs).__name__}")
+
+
+class EncoderPipeline(Pipeline):
+    """A pipeline that runs the model once per input: lists go through `run_batched` in `batch_size` batches.
+
+    batch_size is taken at construction and per call, as transformers' pipelines take it.
+    """
+
+    def __init__(self, model, *, batch_size=None, **kwargs):
+        self._batch_size = check_batch_size(batch_size)
+        super().__init__(model, **kwargs)
+
+    def __call__(self, inputs, *, batch_size=None, **kwargs):
+        pre, fwd, post = self._merged_params(kwargs)
+        if not isinstance(inputs, list):
+            return self.run_single(inputs, pre, fwd, post)
+        if not inputs:
+            raise ValueError(f"{self.task}: inputs is an empty list: pass at least one input")
+        batch_size = self._batch_size if batch_size is None else check_batch_size(batch_size)
+        return self._run(inputs, batch_size, pre, fwd, post)
+
+    def run_single(self, inputs, pre, fwd, post):
+        return self._run([inputs], 1, pre, fwd, post)[0]
+
+    def _run(self, inputs: list, batch_size: int, pre, fwd, post) -> list:
+        items = [self.preprocess(x, **pre) for x in inputs]
+        outputs = run_batched(items, batch_size, lambda feeds: self._forward(feeds, **fwd),
+                              pad=pad_values(self.tokenizer), padding_side=self.tokenizer.padding_side)
+        return [self.postprocess(out, **post) for out in outputs]
+
+    def _forward(self, model_inputs):
+        return self.model.session().run(model_inputs)
+
+
+def check_tokenizer_kwargs(kwargs: dict, owner: str) -> dict:
+    """Keep the tokenizer options a pipeline forwards; anything else is a TypeError naming it."""
+    unknown = sorted(set(kwargs) - set(TOKENIZER_KWARGS))
+    if unknown:
+        raise TypeError(f"{owner} got unexpected arguments: {', '.join(unknown)} "
+                        f"(tokenizer options it takes: {', '.join(TOKENIZER_KWARGS)})")
+    if "truncation" in kwargs and kwargs["truncation"] not in _TRUNCATION:
+        raise ValueError(f"truncation={kwargs['truncation']!r} is not understood: use one of {_TRUNCATION}")
+    if "padding" in kwargs and kwargs["padding"] not in _PADDING:
+        raise ValueError(f"padding={kwargs['padding']!r} is not understood: use one of {_PADDING}")
+    if kwargs.get("max_length") is not None:
+        check_positive_int(kwargs["max_length"], "max_length")
+    return dict(kwargs)
+
+
+def encode(tokenizer, text: str, pair: str | None = None, *, truncation=None, max_length: int | None = None,
+           padding=False, add_special_tokens: bool = True) -> dict[str, np.ndarray]:
+    """One input -> feeds shaped [1, seq], as transformers' `tokenizer(text, text_pair, return_tensors=...)`.
+
+    Left unset, truncation cuts only what is longer than the model takes (max_length, else the
+    model's max length): transformers would hand such an input to the model and fail on the
+    position embeddings. truncation=False with such an input is a ValueError instead.
+    """
+    limit = max_length if max_length is not None else tokenizer.model_max_length
+    if truncation == "do_not_truncate":
+        truncation = False
+    if truncation is None:
+        truncation = limit is not None
+    padding = False if padding == "do_not_pad" else padding
+    encs = tokenizer.encode_batch([text], None if pair is None else [pair], truncation=truncation, max_length=limit,
+                                  padding=padding, add_special_tokens=add_special_tokens)
+    longest = tokenizer.model_max_length
+    if not truncation and longest is not None and len(encs[0].ids) > longest:
+        raise ValueError(f"the input is {len(encs[0].ids)} tokens long and the model takes at most {longest}: "
+                         "pass truncation=True (or leave truncation unset) to cut it")
+    return to_numpy(encs)
 
 
 def check_batch_size(batch_size) -> int:
