@@ -4,10 +4,11 @@
     classifier = onnxpipe.pipeline("sentiment-analysis", model="path/to/exported")
     classifier("I love you")  # [{'label': 'POSITIVE', 'score': 0.99...}]
 """
+from .direct import AutoModel, load
 from .model_dir import ModelDir, read_manifest
 from .registry import SUPPORTED_TASKS, TASK_ALIASES, pipeline
 from .session import Session
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["ModelDir", "Session", "Tokenizer", "pipeline", "read_manifest", "SUPPORTED_TASKS", "TASK_ALIASES"]
+__all__ = ["AutoModel", "load", "ModelDir", "Session", "Tokenizer", "pipeline", "read_manifest", "SUPPORTED_TASKS", "TASK_ALIASES"]
