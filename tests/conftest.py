@@ -56,3 +56,27 @@ def tiny():
         export = staticmethod(tiny_export)
 
     return _Tiny()
+
+
+def assert_results_close(ours, ref, atol: float = 1e-4, where: str = "result"):
+    """Pipeline results equal field by field: same nesting, keys, labels and tokens; floats within `atol`."""
+    import numpy as np
+
+    if hasattr(ref, "detach"):  # a torch tensor from the transformers oracle
+        ref = ref.detach().numpy()
+    if isinstance(ref, np.ndarray):
+        assert isinstance(ours, np.ndarray), f"{where}: expected a numpy array, got {type(ours).__name__}"
+        assert ours.shape == ref.shape, f"{where}: shape {ours.shape} != {ref.shape}"
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=atol, err_msg=where)
+    elif isinstance(ref, dict):
+        assert isinstance(ours, dict) and set(ours) == set(ref), f"{where}: {ours!r} != {ref!r}"
+        for k in ref:
+            assert_results_close(ours[k], ref[k], atol, f"{where}[{k!r}]")
+    elif isinstance(ref, (list, tuple)):
+        assert isinstance(ours, list) and len(ours) == len(ref), f"{where}: {ours!r} != {ref!r}"
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            assert_results_close(a, b, atol, f"{where}[{i}]")
+    elif isinstance(ref, float):
+        assert isinstance(ours, float) and abs(ours - ref) <= atol, f"{where}: {ours!r} != {ref!r} (atol {atol})"
+    else:
+        assert type(ours) is type(ref) and ours == ref, f"{where}: {ours!r} != {ref!r}"
