@@ -1,0 +1,158 @@
+"""KV-cache steppers: the prompt in one pass, then one token per step, `present.*` fed back as `past_key_values.*`.
+
+`DecoderStepper` drives a decoder-only export (role "model"); `Seq2SeqStepper` an encoder-decoder
+export (roles "encoder", "decoder", "decoder_with_past"). Both expose the same small surface to
+the search strategies:
+
+    logits = stepper.prefill(...)        # [batch, vocab] for the last position
+    logits = stepper.step(next_tokens)   # [batch] new ids -> [batch, vocab]
+    stepper.reorder(beam_idx)            # beam search: gather the cache rows
+    stepper.step_input_lengths           # input_ids length fed at each run: [prompt_len, 1, 1, ...]
+
+On CUDA (Session.device == "cuda") the cache stays on the device through IO binding: each step
+binds the previous run's `present.*` OrtValues as the next run's `past_key_values.*`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def present_name(past_name: str) -> str:
+    return "present." + past_name[len("past_key_values."):]
+
+
+def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+    """As transformers' prepare_inputs_for_generation: cumsum - 1, padded positions set to 1."""
+    position_ids = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
+    position_ids[attention_mask == 0] = 1
+    return position_ids
+
+
+class _Runner:
+    """Runs one session with the cache either as numpy arrays (CPU) or as device OrtValues (CUDA)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.on_device = getattr(session, "device", "cpu") == "cuda"
+
+    def run(self, feeds: dict, cache_feeds: dict, cache_outputs: list[str]) -> tuple[np.ndarray, dict]:
+        """-> (logits as numpy, {present name: cache value}); cache values are OrtValues on CUDA."""
+        if not self.on_device:
+            out = self.session.run({**feeds, **cache_feeds}, ["logits", *cache_outputs])
+            return out["logits"], {n: out[n] for n in cache_outputs}
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        index = self.session.device_index
+        for name in self.session.input_names:
+            value = cache_feeds.get(name)
+            if value is None:
+                value = feeds[name]
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", index)
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in cache_outputs:
+            binding.bind_output(name, "cuda", index)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        names = ["logits", *cache_outputs]
+        out = dict(zip(names, values))
+        return out["logits"].numpy(), {n: out[n] for n in cache_outputs}
+
+    def take(self, value, index: np.ndarray):
+        """Gather cache rows (beam reordering, or expanding a batch)."""
+        if not self.on_device:
+            return np.take(value, index, axis=0)
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.take(value.numpy(), index, axis=0)), "cuda",
+                                                self.session.device_index)
+
+
+class DecoderStepper:
+    def __init__(self, session, kv_cache: dict):
+        self.runner = _Runner(session)
+        self.session = session
+        self.past_names = list(kv_cache["past_names"])
+        self.present_names = [present_name(n) for n in self.past_names]
+        self.dtype = np.dtype(kv_cache.get("dtype") or "float32")
+        self.num_kv_heads = int(kv_cache["num_kv_heads"])
+        self.head_dim = int(kv_cache["head_dim"])
+        self.step_input_lengths: list[int] = []
+        self.cache: dict = {}
+        self.attention_mask: np.ndarray | None = None
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        batch = input_ids.shape[0]
+        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype)
+        self.attention_mask = attention_mask.astype(np.int64)
+        cache_feeds = {name: empty for name in self.past_names}
+        return self._run(input_ids, position_ids_from_mask(self.attention_mask), cache_feeds)
+
+    def step(self, next_tokens: np.ndarray) -> np.ndarray:
+        batch = next_tokens.shape[0]
+        self.attention_mask = np.concatenate([self.attention_mask, np.ones((batch, 1), np.int64)], axis=1)
+        position_ids = position_ids_from_mask(self.attention_mask)[:, -1:]
+        cache_feeds = {past: self.cache[present] for past, present in zip(self.past_names, self.present_names)}
+        return self._run(next_tokens.reshape(batch, 1).astype(np.int64), position_ids, cache_feeds)
+
+    def reorder(self, beam_idx: np.ndarray) -> None:
+        self.cache = {name: self.runner.take(value, beam_idx) for name, value in self.cache.items()}
+        self.attention_mask = np.take(self.attention_mask, beam_idx, axis=0)
+
+    def _run(self, input_ids, position_ids, cache_feeds) -> np.ndarray:
+        self.step_input_lengths.append(int(input_ids.shape[1]))
+        feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
+        logits, self.cache = self.runner.run(feeds, cache_feeds, self.present_names)
+        return np.array(logits[:, -1, :], dtype=np.float32)
+
+
+class Seq2SeqStepper:
+    """Encoder once; role "decoder" for the first decoder token, then "decoder_with_past"."""
+
+    def __init__(self, model_dir, kv_cache: dict):
+        self.encoder = model_dir.session("encoder")
+        self.decoder = _Runner(model_dir.session("decoder"))
+        self.decoder_with_past = _Runner(model_dir.session("decoder_with_past"))
+        past = list(kv_cache["past_names"])
+        self.self_past = [n for n in past if ".encoder." not in n]
+        self.cross_past = [n for n in past if ".encoder." in n]
+        self.step_input_lengths: list[int] = []
+        self.cache: dict = {}
+        self.encoder_hidden_states = None
+        self.encoder_attention_mask = None
+
+    def encode(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        out = self.encoder.run({"input_ids": input_ids, "attention_mask": attention_mask}, ["last_hidden_state"])
+        self.encoder_hidden_states = out["last_hidden_state"]
+        self.encoder_attention_mask = attention_mask.astype(np.int64)
+
+    def expand(self, times: int) -> None:
+        """Repeat each encoder row `times` (beams / return sequences), as transformers' repeat_interleave."""
+        self.encoder_hidden_states = np.repeat(self.encoder_hidden_states, times, axis=0)
+        self.encoder_attention_mask = np.repeat(self.encoder_attention_mask, times, axis=0)
+
+    def prefill(self, decoder_input_ids: np.ndarray) -> np.ndarray:
+        self.step_input_lengths.append(int(decoder_input_ids.shape[1]))
+        feeds = {"input_ids": decoder_input_ids.astype(np.int64), "encoder_attention_mask": self.encoder_attention_mask,
+                 "encoder_hidden_states": self.encoder_hidden_states}
+        outputs = [present_name(n) for n in self.self_past + self.cross_past]
+        logits, self.cache = self.decoder.run(feeds, {}, outputs)
+        return np.array(logits[:, -1, :], dtype=np.float32)
+
+    def step(self, next_tokens: np.ndarray) -> np.ndarray:
+        batch = next_tokens.shape[0]
+        self.step_input_lengths.append(1)
+        feeds = {"input_ids": next_tokens.reshape(batch, 1).astype(np.int64),
+                 "encoder_attention_mask": self.encoder_attention_mask}
+        cache_feeds = {n: self.cache[present_name(n)] for n in self.self_past + self.cross_past}
+        outputs = [present_name(n) for n in self.self_past]
+        logits, new_self = self.decoder_with_past.run(feeds, cache_feeds, outputs)
+        self.cache.update(new_self)  # cross-attention K/V do not change after the first step
+        return np.array(logits[:, -1, :], dtype=np.float32)
+
+    def reorder(self, beam_idx: np.ndarray) -> None:
+        self.cache = {name: self.decoder.take(value, beam_idx) for name, value in self.cache.items()}
+        self.encoder_hidden_states = np.take(self.encoder_hidden_states, beam_idx, axis=0)
+        self.encoder_attention_mask = np.take(self.encoder_attention_mask, beam_idx, axis=0)
