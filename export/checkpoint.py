@@ -87,19 +87,28 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def load_model(path: Path, task: str):
-    import torch
+MODEL_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "fill-mask": "AutoModelForMaskedLM",
+    "feature-extraction": "AutoModel",
+    "text-generation": "AutoModelForCausalLM",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+}
+
+
+def model_class(task: str):
+    """The transformers Auto class that loads a checkpoint for `task`."""
     import transformers
 
-    cls = {
-        "text-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-        "question-answering": transformers.AutoModelForQuestionAnswering,
-        "fill-mask": transformers.AutoModelForMaskedLM,
-        "feature-extraction": transformers.AutoModel,
-        "text-generation": transformers.AutoModelForCausalLM,
-        "text2text-generation": transformers.AutoModelForSeq2SeqLM,
-    }[task]
+    return getattr(transformers, MODEL_CLASSES[task])
+
+
+def load_model(path: Path, task: str):
+    import torch
+
+    cls = model_class(task)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -84,15 +84,9 @@ def build_checkpoint(arch: str, task: str, dest: str | os.PathLike, size: str = 
     config = _build_config(arch, task, tokenizer, size)
     for k, v in overrides.items():
         setattr(config, k, v)
-    model_cls = {
-        "text-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-        "question-answering": transformers.AutoModelForQuestionAnswering,
-        "fill-mask": transformers.AutoModelForMaskedLM,
-        "feature-extraction": transformers.AutoModel,
-        "text-generation": transformers.AutoModelForCausalLM,
-        "text2text-generation": transformers.AutoModelForSeq2SeqLM,
-    }[task]
+    from .checkpoint import model_class
+
+    model_cls = model_class(task)
     torch.manual_seed(seed)
     model = model_cls.from_config(config)
     model.eval()

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from onnxpipe.export import ExportError, export_model
+from onnxpipe.export.checkpoint import model_class
 from onnxpipe.export.manifest import sha256_file
 from onnxpipe.export.tiny import TASKS_BY_ARCH
 
@@ -41,15 +42,7 @@ def test_export_matches_torch_in_plain_onnxruntime(arch, task):
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     if tok.pad_token is None:  # GPT-2 has none; generation pads with eos
         tok.pad_token = tok.eos_token
-    model = {
-        "text-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-        "question-answering": transformers.AutoModelForQuestionAnswering,
-        "fill-mask": transformers.AutoModelForMaskedLM,
-        "feature-extraction": transformers.AutoModel,
-        "text-generation": transformers.AutoModelForCausalLM,
-        "text2text-generation": transformers.AutoModelForSeq2SeqLM,
-    }[task].from_pretrained(ckpt).eval()
+    model = model_class(task).from_pretrained(ckpt).eval()
     # a batch of 3 with padding and a truncated long text: dynamic batch and sequence axes
     enc = tok(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="np")
     ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
