@@ -41,12 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument("names", nargs="*", help="default model names or tasks (default: all)")
 
     sv = sub.add_parser("serve", help="serve model folders over HTTP")
-    sv.add_argument("--model", action="append", required=True)
+    sv.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                    help="model folder to serve (repeatable); its name defaults to the folder's name")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch-size", type=int, default=8)
-    sv.add_argument("--max-wait-ms", type=float, default=5.0)
-    sv.add_argument("--workers", type=int, default=1)
+    sv.add_argument("--max-batch-size", type=int, default=8, help="inputs run together at most (1: no batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (0: no wait)")
+    sv.add_argument("--workers", type=int, default=1, help="inference threads per model")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 503")
+    sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take before 504")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    sv.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session")
+    sv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -126,7 +134,9 @@ def _serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"serve needs the server extra ({e.name} is missing): pip install 'onnxpipe[server]'") from None
     serve(args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, workers=args.workers)
+          max_wait_ms=args.max_wait_ms, workers=args.workers, max_queue=args.max_queue,
+          request_timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, device=args.device,
+          precision=args.precision, intra_op_num_threads=args.threads, access_log=args.access_log)
     return 0
 
 

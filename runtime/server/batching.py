@@ -1,0 +1,253 @@
+"""Dynamic batching for one model: a bounded queue in front of worker threads that run the pipeline.
+
+Requests wait in a bounded queue (full -> `QueueFull`, answered 503). A worker thread takes
+the oldest request, then gathers later ones with the same parameters until the batch holds
+`max_batch_size` inputs or `max_wait_ms` has passed, and runs them as one list call,
+`pipe([...], batch_size=n, **parameters)`. Results go back to the event loop as encoded JSON,
+so the loop never blocks on inference or on serialising a large result. A request that timed
+out or whose client went away is marked cancelled and skipped if it has not started.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import RequestError
+from .inputs import ParsedInputs, answer_for
+
+log = logging.getLogger("onnxpipe.server")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class WorkerClosed(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the queue; `future` gets JSON bytes or a RequestError."""
+
+    parsed: ParsedInputs
+    parameters: dict
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    stream: bool = False
+    # stream jobs: ("piece", text) items, then ("end", None | RequestError)
+    pieces: asyncio.Queue | None = None
+    cancelled: bool = False
+    key: str = field(init=False)
+
+    def __post_init__(self):
+        # Only requests with equal parameters can share one pipeline call.
+        self.key = json.dumps(self.parameters, sort_keys=True)
+
+    @property
+    def size(self) -> int:
+        return len(self.parsed.items)
+
+    def resolve(self, value) -> None:
+        self._call_soon(_set_future, self.future, value)
+
+    def push(self, kind: str, value) -> None:
+        self._call_soon(self.pieces.put_nowait, (kind, value))
+
+    def _call_soon(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the server is gone, nobody is waiting
+            pass
+
+
+def _set_future(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+class ModelWorker:
+    def __init__(self, name: str, pipe, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 threads: int = 1, metrics=None):
+        self.name = name
+        self.pipe = pipe
+        self.task = pipe.model.task if hasattr(pipe, "model") else pipe.task
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
+        self.max_queue = max(1, int(max_queue))
+        self.metrics = metrics
+        self._takes_batch_size = _accepts(pipe, "batch_size")
+        self._queue: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"onnxpipe-{name}-{i}", daemon=True)
+                         for i in range(max(1, int(threads)))]
+
+    @property
+    def can_stream(self) -> bool:
+        return callable(getattr(self.pipe, "stream", None))
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise WorkerClosed()
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull()
+            self._queue.append(job)
+            self._cond.notify()
+
+    def drain(self) -> None:
+        """Stop waiting for batches to fill: the server is shutting down and no more requests will come."""
+        with self._cond:
+            self.max_wait = 0.0
+            self._cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, let the queued ones run, and wait for the threads to end."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout)
+
+    # -- worker threads -------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch[0].stream:
+                self._run_stream(batch[0])
+            else:
+                self._run_batch(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while True:
+                while self._queue and self._queue[0].cancelled:
+                    self._queue.popleft()
+                if self._queue:
+                    break
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, size = [first], first.size
+            if first.stream:
+                return batch
+            deadline = time.monotonic() + self.max_wait
+            while size < self.max_batch_size:
+                for job in list(self._queue):
+                    if job.cancelled:
+                        self._queue.remove(job)
+                    elif not job.stream and job.key == first.key and size + job.size <= self.max_batch_size:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        size += job.size
+                remaining = deadline - time.monotonic()
+                if size >= self.max_batch_size or remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        batch = [j for j in batch if not j.cancelled]
+        if not batch:
+            return
+        if self.metrics is not None:
+            self.metrics.batch_ran(self.name, sum(j.size for j in batch))
+        if len(batch) == 1:
+            self._run_alone(batch[0])
+            return
+        flat = [item for job in batch for item in job.parsed.items]
+        try:
+            results = self.pipe(flat, **batch[0].parameters, **self._batch_kw(len(flat)))
+        except (ValueError, TypeError):
+            # One bad input must not fail its neighbours: rerun each alone to answer each truly.
+            for job in batch:
+                self._run_alone(job)
+            return
+        except Exception as e:  # noqa: BLE001 - a server answers every request, whatever broke
+            log.exception("model %s: batch of %d failed", self.name, len(flat))
+            for job in batch:
+                job.resolve(RequestError(500, f"inference failed: {type(e).__name__}: {e}"))
+            return
+        start = 0
+        for job in batch:
+            part = results[start:start + job.size]
+            start += job.size
+            job.resolve(_encode(answer_for(self.task, job.parameters, job.parsed, part)))
+
+    def _run_alone(self, job: Job) -> None:
+        """Exactly the in-process call `pipe(inputs, **parameters)`."""
+        try:
+            result = self.pipe(job.parsed.value, **job.parameters, **self._batch_kw(job.size))
+            job.resolve(_encode(result))
+        except (ValueError, TypeError) as e:
+            job.resolve(RequestError(422, str(e)))
+        except Exception as e:  # noqa: BLE001
+            log.exception("model %s: request failed", self.name)
+            job.resolve(RequestError(500, f"inference failed: {type(e).__name__}: {e}"))
+
+    def _run_stream(self, job: Job) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_ran(self.name, 1)
+        pieces = None
+        try:
+            pieces = self.pipe.stream(job.parsed.value, **job.parameters)
+            for piece in pieces:
+                if job.cancelled:  # the client went away: stop generating and free the worker
+                    break
+                job.push("piece", piece)
+            job.push("end", None)
+        except (ValueError, TypeError) as e:
+            job.push("end", RequestError(422, str(e)))
+        except Exception as e:  # noqa: BLE001
+            log.exception("model %s: stream failed", self.name)
+            job.push("end", RequestError(500, f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+
+    def _batch_kw(self, n: int) -> dict:
+        if not self._takes_batch_size or n < 2:
+            return {}
+        return {"batch_size": min(n, self.max_batch_size)}
+
+
+def _accepts(pipe, name: str) -> bool:
+    """Whether `pipe(...)` takes keyword `name` by itself (not only through a catch-all **kwargs)."""
+    for fn in (pipe.__call__, getattr(pipe, "_sanitize_parameters", None)):
+        if fn is not None and name in inspect.signature(fn).parameters:
+            return True
+    return False
+
+
+def _encode(result) -> bytes:
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=_np_default).encode("utf-8")
+
+
+def _np_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"cannot encode {type(o).__name__} as JSON")
