@@ -85,6 +85,10 @@ def export_model(
         tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
             roles = _export_onnx(model, task, tmp_out, opset)
+            graph_edits = {}
+            if task == "text-generation":
+                from .graph import add_logits_to_keep
+                graph_edits["logits_to_keep"] = add_logits_to_keep(tmp_out / roles["model"])
             tokenizer.save_pretrained(tmp_out)
             _prune_tokenizer_sources(tmp_out)
             if not (tmp_out / "tokenizer.json").exists():
@@ -112,7 +116,7 @@ def export_model(
             from .manifest import write_manifest
             write_manifest(tmp_out, task=task, config=config, tokenizer=tokenizer, model=model, roles=roles,
                            validation=validation, optimization=optimization, quantization=quantization,
-                           source=source, hf_dir=hf_dir)
+                           source=source, hf_dir=hf_dir, graph_edits=graph_edits)
             _install(tmp_out, out)
         except BaseException:
             shutil.rmtree(tmp_out, ignore_errors=True)

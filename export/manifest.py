@@ -15,7 +15,7 @@ MANIFEST_NAME = "onnxpipe.json"
 
 
 def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validation, optimization, quantization,
-                   source, hf_dir) -> dict:
+                   source, hf_dir, graph_edits=None) -> dict:
     files = {role: {"fp32": _file_entry(out, name)} for role, name in roles.items()}
     for role, name in roles.items():
         int8 = out / name.replace(".onnx", ".int8.onnx")
@@ -35,6 +35,8 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
         "files": files,
         "io": io,
         "kv_cache": _kv_cache(task, io, config),
+        # int64 [1] input: LM-head positions to compute, counted from the end (0 = all); null when absent
+        "logits_to_keep_input": "logits_to_keep" if (graph_edits or {}).get("logits_to_keep") else None,
         "id2label": id2label,
         "label2id": label2id,
         "problem_type": getattr(config, "problem_type", None),

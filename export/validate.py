@@ -116,10 +116,15 @@ def _decoder_cases(model, tokenizer, sess):
                 pos = np.cumsum(mask, -1) - 1
                 pos[mask == 0] = 1
                 pos = pos[:, -step_ids.shape[1]:]
-                feeds = {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos, **past}
+                feeds = {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos,
+                         "logits_to_keep": np.array([0], np.int64), **past}
                 feeds = {k: v for k, v in feeds.items() if k in input_names}
                 _require(feeds, input_names, "model")
                 got = dict(zip(output_names, sess.run(None, feeds)))
+                if "logits_to_keep" in input_names:
+                    last = sess.run(["logits"], {**feeds, "logits_to_keep": np.array([1], np.int64)})[0]
+                    yield "model", f"{case},{'prefill' if step == 0 else f'decode step {step}'},logits_to_keep=1", \
+                        "logits", got["logits"][:, -1:], last, None
                 with torch.no_grad():
                     kw = dict(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(mask),
                               past_key_values=torch_cache, use_cache=True)

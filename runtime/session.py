@@ -79,7 +79,8 @@ class Session:
         """Run with the graph's own input names; extra feeds are dropped, missing ones are an error."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
-            raise ValueError(f"{self.path.name} needs inputs {', '.join(missing)} (got {', '.join(feeds)})")
+            raise ValueError(f"{self.path.name} needs inputs {', '.join(missing)} (got {', '.join(feeds)}); "
+                             "the manifest's io section lists them (docs/MANIFEST.md)")
         names = output_names or self.output_names
         values = self._sess.run(names, {n: feeds[n] for n in self.input_names})
         return dict(zip(names, values))

@@ -58,7 +58,7 @@ def test_export_matches_torch_in_plain_onnxruntime(arch, task):
         if task == "text-generation":
             pos = np.cumsum(mask, -1) - 1
             pos[mask == 0] = 1
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "logits_to_keep": np.array([0])}
             kv = m["kv_cache"]
             for n in kv["past_names"]:
                 feeds[n] = np.zeros((3, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
@@ -66,6 +66,11 @@ def test_export_matches_torch_in_plain_onnxruntime(arch, task):
             ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                         position_ids=torch.from_numpy(pos)).logits.numpy()
             np.testing.assert_allclose(got["logits"][mask == 1], ref[mask == 1], atol=1e-4)
+            # generation asks for the last position only: prefill skips the LM head for the rest of the prompt
+            assert m["logits_to_keep_input"] == "logits_to_keep"
+            last = sess.run(["logits"], {**{k: feeds[k] for k in names}, "logits_to_keep": np.array([1])})[0]
+            assert last.shape == (3, 1, ref.shape[-1])
+            np.testing.assert_allclose(last[:, 0], ref[:, -1], atol=1e-4)
             return
         feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in names}
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
