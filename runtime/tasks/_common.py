@@ -48,11 +48,11 @@ class EncoderPipeline(Pipeline):
 
     def __call__(self, inputs, *, batch_size=None, **kwargs):
         pre, fwd, post = self._merged_params(kwargs)
+        batch_size = self._batch_size if batch_size is None else check_batch_size(batch_size)
         if not isinstance(inputs, list):
             return self.run_single(inputs, pre, fwd, post)
         if not inputs:
             raise ValueError(f"{self.task}: inputs is an empty list: pass at least one input")
-        batch_size = self._batch_size if batch_size is None else check_batch_size(batch_size)
         return self._run(inputs, batch_size, pre, fwd, post)
 
     def run_single(self, inputs, pre, fwd, post):
@@ -161,6 +161,22 @@ def run_batched(items: list[dict], batch_size: int, forward: Callable[[dict], di
             row.update({k: v for k, v in item.items() if k not in array_keys})
             results.append(row)
     return results
+
+
+def run_chunked(chunks_per_input: list[list[dict]], batch_size: int, forward: Callable[[dict], dict], *,
+                pad: dict[str, int] | None = None, padding_side: str = "right") -> list[list[dict]]:
+    """`run_batched` for transformers' ChunkPipelines (QA windows, NER strides): one input -> several items.
+
+    Batches cross input boundaries, as transformers' PipelineChunkIterator does; the results come
+    back grouped per input.
+    """
+    flat = run_batched([c for chunks in chunks_per_input for c in chunks], batch_size, forward, pad=pad,
+                       padding_side=padding_side)
+    grouped, at = [], 0
+    for chunks in chunks_per_input:
+        grouped.append(flat[at:at + len(chunks)])
+        at += len(chunks)
+    return grouped
 
 
 def _pad(arrays: list[np.ndarray], value, side: str) -> np.ndarray:
