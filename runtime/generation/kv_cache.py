@@ -103,7 +103,9 @@ class DecoderStepper:
 
     def _run(self, input_ids, position_ids, cache_feeds) -> np.ndarray:
         self.step_input_lengths.append(int(input_ids.shape[1]))
-        feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids}
+        # logits_to_keep (when the export has it) skips the LM head for all but the last position at prefill
+        feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids,
+                 "logits_to_keep": np.array([1], dtype=np.int64)}
         logits, self.cache = self.runner.run(feeds, cache_feeds, self.present_names)
         return np.array(logits[:, -1, :], dtype=np.float32)
 

@@ -1,0 +1,117 @@
+"""`text2text-generation`, `summarization`, `translation`: transformers' Text2TextGenerationPipeline family
+over an encoder-decoder export (encoder once, then the decoder with its KV cache).
+
+    summarizer = pipeline("summarization", model="exports/bart")
+    summarizer("A long article ...", max_new_tokens=40)   # [{'summary_text': '...'}]
+
+Defaults as transformers: max_new_tokens=256 and num_beams=4 unless the model's generation config
+sets its own values.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from ..base import Pipeline
+from ..generation import Generator, model_generation_config, pipeline_generation_config
+from ..generation.config import GLOBAL_DEFAULTS
+
+
+class ReturnType(enum.Enum):
+    TENSORS = 0
+    TEXT = 1
+
+
+class Text2TextGenerationPipeline(Pipeline):
+    task = "text2text-generation"
+    model_tasks = ("text2text-generation",)
+    default_generation = {"max_new_tokens": 256, "num_beams": 4}
+    return_name = "generated"
+
+    def __init__(self, model, **kwargs):
+        self.generator = Generator(model)
+        config = pipeline_generation_config(model_generation_config(model.manifest["generation"]), self.default_generation)
+        pad = model.tokenizer.pad_token_id
+        if config.pad_token_id is None and pad is not None:
+            config = config.update(pad_token_id=pad)
+        self.generation_config = config
+        super().__init__(model, **kwargs)
+
+    def __call__(self, inputs, **kwargs):
+        """One text -> a list of records; a list of texts -> one record per text (a list each with several sequences)."""
+        pre, fwd, post = self._merged_params(kwargs)
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ValueError(f"{self.task}: inputs is an empty list: pass a string or a non-empty list of strings")
+            results = [self.run_single(_check_text(x, f"inputs[{i}]"), pre, fwd, post) for i, x in enumerate(inputs)]
+            return [r[0] for r in results] if all(len(r) == 1 for r in results) else results
+        return self.run_single(_check_text(inputs, "inputs"), pre, fwd, post)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
+        """`model.generate(input_ids, attention_mask=..., **kwargs)`: decoder ids, model defaults only."""
+        return self.generator.generate(input_ids, attention_mask, **kwargs)
+
+    def _sanitize_parameters(self, return_tensors=None, return_text=None, return_type=None,
+                             clean_up_tokenization_spaces=None, truncation=None, stop_sequence=None, seed=None,
+                             src_lang=None, tgt_lang=None, **generate_kwargs):
+        pre, fwd, post = {}, dict(generate_kwargs), {}
+        if truncation is not None:
+            pre["truncation"] = truncation
+        if stop_sequence is not None:
+            ids = self.tokenizer.encode_batch([stop_sequence], add_special_tokens=False)[0].ids
+            if not ids:
+                raise ValueError(f"stop_sequence={stop_sequence!r} encodes to no tokens")
+            fwd["eos_token_id"] = ids[0]  # transformers stops on the first token of the sequence only
+        unknown = sorted(k for k in fwd if k not in GLOBAL_DEFAULTS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments: {', '.join(unknown)}")
+        self.generator.resolve_config(self.generation_config, **fwd)
+        if seed is not None:
+            fwd["seed"] = seed
+        if return_tensors is not None and return_type is None:
+            return_type = ReturnType.TENSORS if return_tensors else ReturnType.TEXT
+        if return_type is not None:
+            post["return_type"] = return_type
+        if clean_up_tokenization_spaces is not None:
+            post["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+        return pre, fwd, post
+
+    def preprocess(self, text, truncation=False):
+        enc = self.tokenizer.encode_batch([text], truncation=truncation or False)[0]
+        return {"input_ids": np.array([enc.ids], dtype=np.int64),
+                "attention_mask": np.array([enc.attention_mask], dtype=np.int64)}
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        output_ids = self.generator.generate(model_inputs["input_ids"], model_inputs["attention_mask"],
+                                             generation_config=self.generation_config, **generate_kwargs)
+        return {"output_ids": output_ids}
+
+    def postprocess(self, model_outputs, return_type=ReturnType.TEXT, clean_up_tokenization_spaces=False):
+        records = []
+        for output_ids in model_outputs["output_ids"]:
+            if return_type == ReturnType.TENSORS:
+                records.append({f"{self.return_name}_token_ids": output_ids})
+            else:
+                text = self.tokenizer.decode(output_ids, skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+                records.append({f"{self.return_name}_text": text})
+        return records
+
+
+class SummarizationPipeline(Text2TextGenerationPipeline):
+    task = "summarization"
+    return_name = "summary"
+
+
+class TranslationPipeline(Text2TextGenerationPipeline):
+    """src_lang / tgt_lang are accepted for transformers compatibility; single-pair models ignore them."""
+
+    task = "translation"
+    return_name = "translation"
+
+
+def _check_text(text, name):
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a string, got {type(text).__name__}")
+    return text

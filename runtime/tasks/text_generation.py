@@ -1,0 +1,239 @@
+"""`text-generation`: transformers' TextGenerationPipeline over a decoder-only export with a KV cache.
+
+    gen = pipeline("text-generation", model="exports/smollm2")
+    gen("The capital of France is", max_new_tokens=20, do_sample=False)
+    # [{'generated_text': 'The capital of France is Paris...'}]
+    gen([{"role": "user", "content": "What is 2+2?"}], max_new_tokens=20)
+    # [{'generated_text': [{'role': 'user', ...}, {'role': 'assistant', 'content': '...'}]}]
+    for piece in gen.stream("Once upon a time", max_new_tokens=50): print(piece, end="")
+    gen.generate(input_ids, attention_mask, max_new_tokens=20)   # np.ndarray, as model.generate
+
+Defaults as transformers: the pipeline's own (max_new_tokens=256, do_sample=True, temperature=0.7)
+yield to whatever the model's generation config sets to a non-default value.
+"""
+from __future__ import annotations
+
+import enum
+import threading
+
+import numpy as np
+
+from ..base import Pipeline
+from ..chat import check_messages, render_chat_template
+from ..generation import Generator, TextIteratorStreamer, TextStreamer, model_generation_config, pipeline_generation_config
+from ..generation.config import GLOBAL_DEFAULTS
+
+
+class ReturnType(enum.Enum):
+    TENSORS = 0
+    NEW_TEXT = 1
+    FULL_TEXT = 2
+
+
+class Chat:
+    """One conversation, so that a list of messages is not mistaken for a batch of prompts."""
+
+    def __init__(self, messages):
+        self.messages = check_messages(messages)
+
+
+class TextGenerationPipeline(Pipeline):
+    task = "text-generation"
+    model_tasks = ("text-generation",)
+    default_generation = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+
+    def __init__(self, model, **kwargs):
+        self.generator = Generator(model)
+        config = pipeline_generation_config(model_generation_config(model.manifest["generation"]), self.default_generation)
+        pad = model.tokenizer.pad_token_id
+        if config.pad_token_id is None and pad is not None:
+            config = config.update(pad_token_id=pad)
+        self.generation_config = config
+        super().__init__(model, **kwargs)
+
+    # --- public entry points ------------------------------------------------------------------------------------
+
+    def __call__(self, text_inputs, **kwargs):
+        """Continue a prompt (str), several prompts (list of str), a chat (list of message dicts) or several chats."""
+        pre, fwd, post = self._merged_params(kwargs)
+        if isinstance(text_inputs, (list, tuple)):
+            if not text_inputs:
+                raise ValueError("text_inputs is an empty list: pass a prompt, a list of prompts or a chat")
+            if isinstance(text_inputs[0], dict):
+                return self.run_single(Chat(text_inputs), pre, fwd, post)
+            if isinstance(text_inputs[0], (list, tuple)):
+                return [self.run_single(Chat(chat), pre, fwd, post) for chat in text_inputs]
+            return [self.run_single(_check_prompt(x, f"text_inputs[{i}]"), pre, fwd, post)
+                    for i, x in enumerate(text_inputs)]
+        return self.run_single(_check_prompt(text_inputs, "text_inputs"), pre, fwd, post)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
+        """`model.generate(input_ids, attention_mask=..., **kwargs)`: prompt + new ids, model defaults only."""
+        return self.generator.generate(input_ids, attention_mask, **kwargs)
+
+    def stream(self, text_inputs, **kwargs):
+        """Yield the new text in pieces as it is generated (one prompt or one chat, one sequence)."""
+        if isinstance(text_inputs, (list, tuple)) and text_inputs and not isinstance(text_inputs[0], dict):
+            raise TypeError("stream() takes one prompt or one chat, not a batch")
+        kwargs.pop("streamer", None)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=kwargs.get("skip_special_tokens", True))
+
+        def work():
+            try:
+                self(text_inputs, streamer=streamer, **kwargs)
+            except BaseException as e:  # surfaced in the consumer's thread
+                streamer.put_error(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            thread.join()
+
+    # --- the four steps -------------------------------------------------------------------------------------------
+
+    def _sanitize_parameters(self, return_full_text=None, return_tensors=None, return_text=None, return_type=None,
+                             clean_up_tokenization_spaces=None, prefix=None, handle_long_generation=None,
+                             stop_sequence=None, truncation=None, max_length=None, continue_final_message=None,
+                             skip_special_tokens=None, add_special_tokens=None, seed=None, streamer=None,
+                             **generate_kwargs):
+        pre, fwd, post = {}, dict(generate_kwargs), {}
+        if add_special_tokens is not None:
+            pre["add_special_tokens"] = add_special_tokens
+        if truncation is not None:
+            pre["truncation"] = truncation
+        if max_length is not None:
+            pre["max_length"] = max_length
+            fwd["max_length"] = max_length
+        if prefix is not None:
+            if not isinstance(prefix, str):
+                raise TypeError(f"prefix must be a string, got {type(prefix).__name__}")
+            pre["prefix"] = prefix
+        if handle_long_generation is not None:
+            if handle_long_generation != "hole":
+                raise ValueError(f"handle_long_generation={handle_long_generation!r} is not valid: use None or 'hole'")
+            pre["handle_long_generation"] = handle_long_generation
+        if continue_final_message is not None:
+            pre["continue_final_message"] = continue_final_message
+            post["continue_final_message"] = continue_final_message
+        if stop_sequence is not None:
+            fwd["eos_token_id"] = self.tokenizer.encode_batch([stop_sequence], add_special_tokens=False)[0].ids
+        unknown = sorted(k for k in fwd if k not in GLOBAL_DEFAULTS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments: {', '.join(unknown)}")
+        self.generator.resolve_config(self.generation_config, **fwd)  # bad values fail here, before any work
+        if seed is not None:
+            fwd["seed"] = seed
+        if streamer is not None:
+            fwd["streamer"] = streamer if hasattr(streamer, "put") else _callback_streamer(streamer, self.tokenizer)
+        if fwd.get("max_new_tokens") is not None:
+            pre["max_new_tokens"] = fwd["max_new_tokens"]  # for handle_long_generation='hole'
+        if return_full_text is not None and return_type is None:
+            if return_text is not None:
+                raise ValueError("return_text is mutually exclusive with return_full_text")
+            if return_tensors is not None:
+                raise ValueError("return_full_text is mutually exclusive with return_tensors")
+            return_type = ReturnType.FULL_TEXT if return_full_text else ReturnType.NEW_TEXT
+        if return_tensors is not None and return_type is None:
+            if return_text is not None:
+                raise ValueError("return_text is mutually exclusive with return_tensors")
+            return_type = ReturnType.TENSORS
+        if return_type is not None:
+            post["return_type"] = return_type
+        if clean_up_tokenization_spaces is not None:
+            post["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
+        if skip_special_tokens is not None:
+            post["skip_special_tokens"] = skip_special_tokens
+        return pre, fwd, post
+
+    def preprocess(self, prompt_text, prefix="", handle_long_generation=None, add_special_tokens=None, truncation=None,
+                   max_length=None, continue_final_message=None, max_new_tokens=None):
+        if isinstance(prompt_text, Chat):
+            if continue_final_message is None:
+                continue_final_message = prompt_text.messages[-1]["role"] == "assistant"
+            text = render_chat_template(self.manifest.get("chat_template"), prompt_text.messages,
+                                        add_generation_prompt=not continue_final_message,
+                                        continue_final_message=continue_final_message,
+                                        special_tokens=self.manifest["tokenizer"].get("special_tokens"))
+            add_special_tokens = False  # apply_chat_template tokenizes the rendered text without special tokens
+        else:
+            text = prefix + prompt_text
+        enc = self.tokenizer.encode_batch([text], add_special_tokens=True if add_special_tokens is None else add_special_tokens,
+                                          truncation=truncation or False, max_length=max_length)[0]
+        input_ids = np.array([enc.ids], dtype=np.int64)
+        attention_mask = np.array([enc.attention_mask], dtype=np.int64)
+        if handle_long_generation == "hole":
+            input_ids, attention_mask = self._hole(input_ids, attention_mask, max_new_tokens, max_length)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_text": prompt_text}
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
+        if input_ids.shape[1] == 0:  # an empty prompt starts from BOS, as transformers does
+            input_ids = attention_mask = None
+        sequences = self.generator.generate(input_ids, attention_mask, generation_config=self.generation_config,
+                                            **generate_kwargs)
+        return {"generated_sequence": sequences, "input_ids": input_ids, "prompt_text": model_inputs["prompt_text"]}
+
+    def postprocess(self, model_outputs, return_type=ReturnType.FULL_TEXT, clean_up_tokenization_spaces=True,
+                    continue_final_message=None, skip_special_tokens=None):
+        input_ids = model_outputs["input_ids"]
+        prompt_text = model_outputs["prompt_text"]
+        skip = True if skip_special_tokens is None else skip_special_tokens
+        records = []
+        for sequence in model_outputs["generated_sequence"].tolist():
+            if return_type == ReturnType.TENSORS:
+                records.append({"generated_token_ids": sequence})
+                continue
+            text = self.tokenizer.decode(sequence, skip_special_tokens=skip,
+                                         clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+            prompt_length = 0 if input_ids is None else len(self.tokenizer.decode(
+                input_ids[0], skip_special_tokens=skip, clean_up_tokenization_spaces=clean_up_tokenization_spaces))
+            all_text = text[prompt_length:]
+            if return_type == ReturnType.FULL_TEXT:
+                if isinstance(prompt_text, str):
+                    all_text = prompt_text + all_text
+                else:
+                    all_text = _chat_output(prompt_text, all_text, continue_final_message)
+            records.append({"generated_text": all_text})
+        return records
+
+    def _hole(self, input_ids, attention_mask, max_new_tokens, max_length):
+        """handle_long_generation='hole': drop the prompt's left part so the new tokens fit the window."""
+        cur_len = input_ids.shape[-1]
+        if max_new_tokens is not None:
+            new_tokens = max_new_tokens
+        else:
+            new_tokens = (max_length or self.generation_config.max_length) - cur_len
+            if new_tokens < 0:
+                raise ValueError("handle_long_generation='hole' cannot infer how many new tokens are expected")
+        limit = self.tokenizer.model_max_length or self.manifest.get("max_positions")
+        if limit and cur_len + new_tokens > limit:
+            keep = limit - new_tokens
+            if keep <= 0:
+                raise ValueError(f"handle_long_generation='hole': {new_tokens} new tokens exceed the model's "
+                                 f"{limit} positions")
+            return input_ids[:, -keep:], attention_mask[:, -keep:]
+        return input_ids, attention_mask
+
+
+def _chat_output(chat: Chat, new_text: str, continue_final_message):
+    if continue_final_message is None:
+        continue_final_message = chat.messages[-1]["role"] == "assistant"
+    if continue_final_message:
+        last = chat.messages[-1]
+        return list(chat.messages)[:-1] + [{"role": last["role"], "content": last["content"] + new_text}]
+    return list(chat.messages) + [{"role": "assistant", "content": new_text}]
+
+
+def _check_prompt(prompt, name):
+    if not isinstance(prompt, str):
+        raise TypeError(f"{name} must be a string, a list of strings or a chat (list of role/content dicts), "
+                        f"got {type(prompt).__name__}")
+    return prompt
+
+
+def _callback_streamer(callback, tokenizer):
+    if not callable(callback):
+        raise TypeError("streamer must be a callable taking each text piece, or an object with put()/end()")
+    return TextStreamer(tokenizer, callback=callback)
