@@ -86,7 +86,7 @@ def free_port() -> int:
 def metric(text: str, name: str, **labels) -> float:
     """The value of one sample in Prometheus text, 0 when absent."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
+    pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else "") + r" (\S+)$"
     m = re.search(pattern, text, re.M)
     return float(m.group(1)) if m else 0.0
 

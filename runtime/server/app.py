@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .batching import Job, ModelWorker, QueueFull, WorkerClosed
+from .batching import Job, ModelWorker, QueueFull, StreamEnd, WorkerClosed, encode_json
 from .errors import RequestError
 from .inputs import length_limit, parse_inputs, texts_to_measure
 from .metrics import CONTENT_TYPE, Metrics
@@ -207,13 +207,17 @@ class _State:
     async def list_models(self, request: Request):
         return JSONResponse({"models": [self._describe(name) for name in self.workers]})
 
+    def chat_models(self) -> list[str]:
+        return [name for name, w in self.workers.items()
+                if w.task == "text-generation" and w.pipe.model.manifest.get("chat_template")]
+
     def _describe(self, name: str) -> dict:
         worker = self.workers[name]
         manifest = worker.pipe.model.manifest
         return {"name": name, "task": worker.task, "model_type": manifest.get("model_type"),
                 "architecture": manifest.get("architecture"), "precision": worker.pipe.model.precision,
                 "max_input_tokens": length_limit(manifest), "stream": worker.can_stream,
-                "chat": bool(manifest.get("chat_template")) and worker.task == "text-generation"}
+                "chat": name in self.chat_models()}
 
     async def predict(self, request: Request):
         name = request.path_params["name"]
@@ -260,7 +264,8 @@ class _State:
                                         "text-generation models")
             if parsed.is_list:
                 raise RequestError(422, "a streamed request takes one prompt or chat, not a list")
-            return self.stream(worker, parsed, parameters, sse_piece)
+            return self.stream(worker, parsed, parameters, lambda piece: sse({"token": piece}),
+                               lambda end: [sse({"result": end.result})])
         return Response(await self.run(request, worker, parsed, parameters), media_type="application/json")
 
     # -- helpers shared with the chat route -----------------------------------------------
@@ -280,8 +285,8 @@ class _State:
             return {}
         if not isinstance(parameters, dict):
             raise RequestError(422, f"'parameters' must be a JSON object of pipeline options, got {json.dumps(parameters)[:80]}")
-        # The server sizes batches itself.
-        parameters = {k: v for k, v in parameters.items() if k != "batch_size"}
+        # The server sizes batches and streams itself.
+        parameters = {k: v for k, v in parameters.items() if k not in ("batch_size", "streamer")}
         sanitize = getattr(worker.pipe, "_sanitize_parameters", None)
         if sanitize is not None:
             try:
@@ -342,45 +347,64 @@ class _State:
             raise result
         return result
 
-    def stream(self, worker: ModelWorker, parsed, parameters: dict, render, finish=lambda: ()) -> StreamingResponse:
-        """Queue a streamed generation: `render(piece)` makes each text piece one SSE event, `finish()` the
-        events after the last piece, then `data: [DONE]`."""
-        job = Job(parsed, parameters, self.loop, self.loop.create_future(), stream=True, pieces=asyncio.Queue())
-        self.submit(worker, job)
-        timeout = self.config.request_timeout_s
+    def stream(self, worker: ModelWorker, parsed, parameters: dict, render, finish) -> StreamingResponse:
+        """Queue a streamed generation: `render(piece)` makes each text piece an SSE event, `finish(end)`
+        (end: a StreamEnd) the events after the last piece; then `data: [DONE]`."""
+        job = self._start_stream(worker, parsed, parameters)
 
         async def events():
             try:
                 while True:
                     try:
-                        kind, value = await asyncio.wait_for(job.pieces.get(), timeout)
-                    except asyncio.TimeoutError:
-                        yield sse({"error": f"model {worker.name!r} sent nothing for {timeout:g} s"})
+                        kind, value = await self._next_piece(worker, job)
+                    except RequestError as e:
+                        yield sse({"error": e.message})
                         return
                     if kind == "piece":
                         yield render(value)
                         continue
-                    if value is not None:
-                        yield sse({"error": value.message})
-                    else:
-                        for tail in finish():
-                            yield tail
+                    for event in finish(value):
+                        yield event
                     yield b"data: [DONE]\n\n"
                     return
             finally:
-                # Runs when the stream ends and when the client disconnects (the generator is closed).
+                # Runs when the stream ends and when the client disconnects (the generator is closed):
+                # generation stops at its next token and the worker takes the next request.
                 job.cancelled = True
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def collect(self, worker: ModelWorker, parsed, parameters: dict) -> StreamEnd:
+        """Generate through the streaming path, which counts the new tokens, and return its end."""
+        job = self._start_stream(worker, parsed, parameters)
+        try:
+            while True:
+                kind, value = await self._next_piece(worker, job)
+                if kind == "end":
+                    return value
+        finally:
+            job.cancelled = True
+
+    def _start_stream(self, worker: ModelWorker, parsed, parameters: dict) -> Job:
+        job = Job(parsed, parameters, self.loop, self.loop.create_future(), stream=True, pieces=asyncio.Queue())
+        self.submit(worker, job)
+        return job
+
+    async def _next_piece(self, worker: ModelWorker, job: Job):
+        """("piece", text) or ("end", StreamEnd); a failure or a silence longer than the timeout raises."""
+        timeout = self.config.request_timeout_s
+        try:
+            kind, value = await asyncio.wait_for(job.pieces.get(), timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"model {worker.name!r} sent nothing for {timeout:g} s") from None
+        if isinstance(value, RequestError):
+            raise value
+        return kind, value
+
 
 def sse(payload) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-def sse_piece(piece: str) -> bytes:
-    return sse({"token": piece})
+    return b"data: " + encode_json(payload) + b"\n\n"
 
 
 async def read_json(request: Request, limit: int) -> dict:

@@ -30,6 +30,10 @@ class QueueFull(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """Raised inside generation when the streaming client has disconnected, to stop it early."""
+
+
 class WorkerClosed(Exception):
     pass
 
@@ -93,7 +97,7 @@ class ModelWorker:
 
     @property
     def can_stream(self) -> bool:
-        return callable(getattr(self.pipe, "stream", None))
+        return _accepts(self.pipe, "streamer")
 
     def depth(self) -> int:
         return len(self._queue)
@@ -193,13 +197,13 @@ class ModelWorker:
         for job in batch:
             part = results[start:start + job.size]
             start += job.size
-            job.resolve(_encode(answer_for(self.task, job.parameters, job.parsed, part)))
+            job.resolve(encode_json(answer_for(self.task, job.parameters, job.parsed, part)))
 
     def _run_alone(self, job: Job) -> None:
         """Exactly the in-process call `pipe(inputs, **parameters)`."""
         try:
             result = self.pipe(job.parsed.value, **job.parameters, **self._batch_kw(job.size))
-            job.resolve(_encode(result))
+            job.resolve(encode_json(result))
         except (ValueError, TypeError) as e:
             job.resolve(RequestError(422, str(e)))
         except Exception as e:  # noqa: BLE001
@@ -207,30 +211,58 @@ class ModelWorker:
             job.resolve(RequestError(500, f"inference failed: {type(e).__name__}: {e}"))
 
     def _run_stream(self, job: Job) -> None:
+        """Generate with a streamer that hands each text piece to the event loop as it is decoded."""
         if self.metrics is not None:
             self.metrics.batch_ran(self.name, 1)
-        pieces = None
+        tap = _StreamTap(self.pipe.tokenizer, job)
+        cancelled = False
         try:
-            pieces = self.pipe.stream(job.parsed.value, **job.parameters)
-            for piece in pieces:
-                if job.cancelled:  # the client went away: stop generating and free the worker
-                    break
-                job.push("piece", piece)
-            job.push("end", None)
+            result = self.pipe(job.parsed.value, streamer=tap, **job.parameters)
+            job.push("end", StreamEnd(result, tap.tokens))
+        except ClientGone:
+            cancelled = True
         except (ValueError, TypeError) as e:
             job.push("end", RequestError(422, str(e)))
         except Exception as e:  # noqa: BLE001
             log.exception("model %s: stream failed", self.name)
             job.push("end", RequestError(500, f"generation failed: {type(e).__name__}: {e}"))
         finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
+            if self.metrics is not None:
+                self.metrics.stream_ended(self.name, tap.tokens, cancelled)
 
     def _batch_kw(self, n: int) -> dict:
         if not self._takes_batch_size or n < 2:
             return {}
         return {"batch_size": min(n, self.max_batch_size)}
+
+
+@dataclass
+class StreamEnd:
+    result: object        # what the pipeline call returned
+    new_tokens: int       # tokens generated
+
+
+class _StreamTap:
+    """The pipeline's `streamer`: counts new tokens, decodes them into text pieces as transformers'
+    TextStreamer does, and stops generation by raising once the client has gone."""
+
+    def __init__(self, tokenizer, job: Job):
+        from onnxpipe.generation import TextStreamer
+
+        self.job = job
+        self.tokens = 0
+        self.text = TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
+                                 skip_special_tokens=job.parameters.get("skip_special_tokens", True))
+
+    def put(self, token_ids) -> None:
+        if self.job.cancelled:
+            raise ClientGone()
+        self.tokens += int(np.size(token_ids))
+        self.text.put(token_ids)
+
+    def end(self) -> None:
+        if not self.job.cancelled:
+            self.text.end()
 
 
 def _accepts(pipe, name: str) -> bool:
@@ -241,7 +273,8 @@ def _accepts(pipe, name: str) -> bool:
     return False
 
 
-def _encode(result) -> bytes:
+def encode_json(result) -> bytes:
+    """Compact UTF-8 JSON; numpy arrays and scalars become lists and numbers."""
     return json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=_np_default).encode("utf-8")
 
 

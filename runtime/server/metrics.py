@@ -21,6 +21,8 @@ class Metrics:
         self._latency = _Histogram(LATENCY_BUCKETS)                            # by model
         self._batch_size = _Histogram(BATCH_BUCKETS)                           # by model
         self._queue_depth: dict[str, callable] = {}                            # model -> () -> int
+        self._generated: dict[str, int] = defaultdict(int)                    # model -> tokens streamed
+        self._streams_cancelled: dict[str, int] = defaultdict(int)            # model -> streams cut short
         self._in_flight = 0
 
     def watch_queue(self, model: str, depth) -> None:
@@ -42,6 +44,12 @@ class Metrics:
         with self._lock:
             self._batch_size.observe(model, size)
 
+    def stream_ended(self, model: str, tokens: int, cancelled: bool) -> None:
+        with self._lock:
+            self._generated[model] += tokens
+            if cancelled:
+                self._streams_cancelled[model] += 1
+
     def render(self) -> str:
         with self._lock:
             lines = ["# HELP onnxpipe_requests_total Requests answered, by model, endpoint and HTTP status.",
@@ -58,6 +66,13 @@ class Metrics:
             lines += ["# HELP onnxpipe_queue_depth Requests waiting for a worker, by model.",
                       "# TYPE onnxpipe_queue_depth gauge"]
             lines += [f'onnxpipe_queue_depth{{model="{_esc(m)}"}} {depth()}' for m, depth in sorted(self._queue_depth.items())]
+            lines += ["# HELP onnxpipe_stream_tokens_total Tokens generated for streamed requests.",
+                      "# TYPE onnxpipe_stream_tokens_total counter"]
+            lines += [f'onnxpipe_stream_tokens_total{{model="{_esc(m)}"}} {n}' for m, n in sorted(self._generated.items())]
+            lines += ["# HELP onnxpipe_streams_cancelled_total Streams stopped early because the client went away.",
+                      "# TYPE onnxpipe_streams_cancelled_total counter"]
+            lines += [f'onnxpipe_streams_cancelled_total{{model="{_esc(m)}"}} {n}'
+                      for m, n in sorted(self._streams_cancelled.items())]
             lines += ["# HELP onnxpipe_requests_in_flight Requests received and not yet answered.",
                       "# TYPE onnxpipe_requests_in_flight gauge", f"onnxpipe_requests_in_flight {self._in_flight}"]
         return "\n".join(lines) + "\n"

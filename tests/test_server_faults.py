@@ -1,0 +1,184 @@
+"""The server under faults, as a real process on loopback: overload, clients that vanish, shutdown, long runs.
+
+Every request must be answered with a clear status (200, or 503 with Retry-After when the queue
+is full), the server must stay up and recover, and its memory must not grow with the request count.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from test_server import GRACEFUL_EXIT, LOOPBACK, ServerProcess, metric, roundtrip
+
+
+@pytest.fixture(scope="module")
+def clf_dir(tiny):
+    return tiny.export("bert", "text-classification")
+
+
+@pytest.fixture(scope="module")
+def gen_dir(tiny):
+    return tiny.export("gpt2", "text-generation")
+
+
+async def _fire(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
+    """POST every body, `concurrency` at a time, and return every response (transport errors raise)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(body):
+            async with sem:
+                return await client.post(url, json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_overload_gets_503_with_retry_after_then_recovers(clf_dir, tmp_path):
+    # One request waiting at most, no batching: 64 clients at once must overflow it.
+    srv = ServerProcess([f"sst={clf_dir}"], tmp_path, "--max-queue", "1", "--max-batch-size", "1")
+    try:
+        url = f"{srv.url}/v1/models/sst"
+        text = "a sentence long enough to keep the model busy for a little while " * 6
+        statuses = []
+        for wave in range(20):  # bounded: stop at the first wave that overflowed
+            responses = asyncio.run(_fire(url, [{"inputs": f"{wave} {i} {text}"} for i in range(64)], 64))
+            for r in responses:
+                assert r.status_code in (200, 503), r.text
+                if r.status_code == 503:
+                    assert r.headers["Retry-After"] == "1"
+                    assert "overloaded" in r.json()["error"]
+                else:
+                    assert r.json()[0]["label"] in ("NEGATIVE", "POSITIVE")
+            statuses += [r.status_code for r in responses]
+            if 503 in statuses:
+                break
+        assert 503 in statuses, "64 concurrent clients never filled a queue of 1"
+        # Recovered: sequential requests all succeed, nothing is left queued.
+        for i in range(5):
+            assert httpx.post(url, json={"inputs": f"calm {i}"}, timeout=30).status_code == 200
+        text = srv.metrics()
+        assert metric(text, "onnxpipe_queue_depth", model="sst") == 0
+        assert metric(text, "onnxpipe_requests_total", model="sst", endpoint="/v1/models/sst", status="503") \
+            == statuses.count(503)
+        assert metric(text, "onnxpipe_requests_total", model="sst", endpoint="/v1/models/sst", status="200") \
+            == statuses.count(200) + 5
+    finally:
+        assert srv.stop() in GRACEFUL_EXIT, srv.log()
+
+
+# The tiny GPT-2 takes 256 positions: a prompt of a few tokens leaves room for this many new ones.
+MAX_NEW = 240
+# A client process that starts a streamed generation, reads the first event and is killed by SIGKILL.
+_STREAM_CLIENT = """
+import sys, httpx
+n = int(sys.argv[2])
+with httpx.stream("POST", sys.argv[1], json={"inputs": "once upon a time", "stream": True,
+                  "parameters": {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}},
+                  timeout=60) as r:
+    for line in r.iter_lines():
+        if line.startswith("data: "):
+            print("first event", flush=True)
+            break
+    sys.stdin.read()  # hold the connection open until killed
+"""
+
+
+def test_client_killed_mid_stream_frees_the_worker(gen_dir, tmp_path):
+    # One worker thread: if the killed stream kept generating, the next request would never run.
+    srv = ServerProcess([f"gen={gen_dir}"], tmp_path, "--timeout", "60")
+    try:
+        url = f"{srv.url}/v1/models/gen"
+        client = subprocess.Popen([sys.executable, "-c", _STREAM_CLIENT, url, str(MAX_NEW)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "first event"
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        deadline = time.monotonic() + 30
+        while metric(srv.metrics(), "onnxpipe_streams_cancelled_total", model="gen") < 1:
+            assert time.monotonic() < deadline, "the killed client's generation was never stopped"
+            time.sleep(0.05)
+        # It stopped early: fewer tokens than the MAX_NEW it was asked for.
+        assert 0 < metric(srv.metrics(), "onnxpipe_stream_tokens_total", model="gen") < MAX_NEW
+        body = {"inputs": "hello", "parameters": {"max_new_tokens": 5, "do_sample": False}}
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(srv.url + "/health").status_code == 200
+        assert metric(srv.metrics(), "onnxpipe_queue_depth", model="gen") == 0
+    finally:
+        assert srv.stop() in GRACEFUL_EXIT, srv.log()
+
+
+def test_client_gone_while_queued_is_dropped_and_server_keeps_serving(clf_dir, tmp_path):
+    # A long batching window holds requests; clients that give up must not break anything.
+    srv = ServerProcess([f"sst={clf_dir}"], tmp_path, "--max-wait-ms", "2000", "--max-batch-size", "64")
+    try:
+        url = f"{srv.url}/v1/models/sst"
+        for i in range(5):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json={"inputs": f"impatient {i}"}, timeout=0.2)
+        r = httpx.post(url, json={"inputs": "patient"}, timeout=30)
+        assert r.status_code == 200
+        # 499 (nginx's "client closed request") counts the requests dropped unanswered.
+        assert metric(srv.metrics(), "onnxpipe_requests_total", model="sst", endpoint="/v1/models/sst",
+                      status="499") == 5
+    finally:
+        assert srv.stop() in GRACEFUL_EXIT, srv.log()
+
+
+def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(clf_dir, clf_pipe, tmp_path):
+    # A 3 s batching window keeps the request in flight while SIGTERM arrives.
+    srv = ServerProcess([f"sst={clf_dir}"], tmp_path, "--max-wait-ms", "3000", "--max-batch-size", "64")
+    result = {}
+
+    def send():
+        result["r"] = httpx.post(f"{srv.url}/v1/models/sst", json={"inputs": "in flight"}, timeout=60)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 30
+    while metric(srv.metrics(), "onnxpipe_requests_in_flight") < 1:
+        assert time.monotonic() < deadline, "the request never arrived"
+        time.sleep(0.02)
+    srv.proc.send_signal(signal.SIGTERM)
+    sender.join(60)
+    r = result["r"]
+    assert r.status_code == 200 and r.json() == roundtrip(clf_pipe("in flight"))
+    assert srv.proc.wait(60) in GRACEFUL_EXIT
+    with pytest.raises(httpx.ConnectError):
+        httpx.post(f"{srv.url}/v1/models/sst", json={"inputs": "too late"}, timeout=5)
+    assert "Application shutdown complete" in srv.log()
+
+
+@pytest.fixture(scope="module")
+def clf_pipe(clf_dir):
+    import onnxpipe
+
+    return onnxpipe.pipeline(model=str(clf_dir))
+
+
+def test_memory_stays_flat_over_thousands_of_requests(clf_dir, tmp_path):
+    srv = ServerProcess([f"sst={clf_dir}"], tmp_path, "--max-batch-size", "8", "--max-wait-ms", "2")
+    try:
+        url = f"{srv.url}/v1/models/sst"
+        bodies = [{"inputs": f"request number {i} says hello"} for i in range(500)]
+        bad = [{"inputs": 5}, {"inputs": ["x"], "parameters": {"top_k": "a"}}, {"nope": 1}]
+        # Warm up: allocator pools, ONNX Runtime arenas and caches reach their working size first.
+        asyncio.run(_fire(url, bodies, 8))
+        rss = [srv.rss()]
+        for _ in range(6):  # 3000 good requests (+ 300 bad ones) after the warm-up
+            responses = asyncio.run(_fire(url, bodies + bad * 100, 16))
+            assert {r.status_code for r in responses} == {200, 422}
+            rss.append(srv.rss())
+        growth_mib = (rss[-1] - rss[0]) / 2**20
+        assert growth_mib < 16, f"RSS grew {growth_mib:.1f} MiB over 3300 requests: {[r >> 20 for r in rss]} MiB"
+        assert metric(srv.metrics(), "onnxpipe_queue_depth", model="sst") == 0
+    finally:
+        assert srv.stop() in GRACEFUL_EXIT, srv.log()
