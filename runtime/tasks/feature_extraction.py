@@ -25,6 +25,10 @@ class FeatureExtractionPipeline(EncoderPipeline):
     task = "feature-extraction"
     model_tasks = ("feature-extraction",)
 
+    def __call__(self, inputs, **kwargs):
+        check_texts(inputs, "inputs")
+        return super().__call__(inputs, **kwargs)
+
     def _sanitize_parameters(self, truncation=None, tokenize_kwargs=None, return_tensors=None, **kwargs):
         if kwargs:
             super()._sanitize_parameters(**kwargs)
@@ -43,7 +47,6 @@ class FeatureExtractionPipeline(EncoderPipeline):
         return check_tokenizer_kwargs(tokenize_kwargs, "tokenize_kwargs"), {}, postprocess_params
 
     def preprocess(self, inputs, **tokenize_kwargs) -> dict[str, np.ndarray]:
-        check_texts(inputs, "inputs")
         return encode(self.tokenizer, inputs, **tokenize_kwargs)
 
     def postprocess(self, model_outputs, return_tensors=False):
