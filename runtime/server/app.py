@@ -285,8 +285,9 @@ class _State:
             return {}
         if not isinstance(parameters, dict):
             raise RequestError(422, f"'parameters' must be a JSON object of pipeline options, got {json.dumps(parameters)[:80]}")
-        # The server sizes batches and streams itself.
-        parameters = {k: v for k, v in parameters.items() if k not in ("batch_size", "streamer")}
+        # The server sizes batches where they do not change results, and streams itself.
+        owned = ("batch_size", "streamer") if worker.combines else ("streamer",)
+        parameters = {k: v for k, v in parameters.items() if k not in owned}
         sanitize = getattr(worker.pipe, "_sanitize_parameters", None)
         if sanitize is not None:
             try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import RequestError
-from .inputs import ParsedInputs, answer_for
+from .inputs import PADDING_SHOWS_TASKS, ParsedInputs, answer_for
 
 log = logging.getLogger("onnxpipe.server")
 
@@ -88,7 +88,9 @@ class ModelWorker:
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.metrics = metrics
-        self._takes_batch_size = _accepts(pipe, "batch_size")
+        # Requests are combined only where the pipeline really batches (a looping one would just make
+        # each request wait for the others) and where batching does not change results.
+        self.combines = _accepts(pipe, "batch_size") and self.task not in PADDING_SHOWS_TASKS
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -154,7 +156,7 @@ class ModelWorker:
                 self._cond.wait()
             first = self._queue.popleft()
             batch, size = [first], first.size
-            if first.stream:
+            if first.stream or not self.combines:
                 return batch
             deadline = time.monotonic() + self.max_wait
             while size < self.max_batch_size:
@@ -231,7 +233,7 @@ class ModelWorker:
                 self.metrics.stream_ended(self.name, tap.tokens, cancelled)
 
     def _batch_kw(self, n: int) -> dict:
-        if not self._takes_batch_size or n < 2:
+        if not self.combines or n < 2:
             return {}
         return {"batch_size": min(n, self.max_batch_size)}
 
@@ -266,10 +268,12 @@ class _StreamTap:
 
 
 def _accepts(pipe, name: str) -> bool:
-    """Whether `pipe(...)` takes keyword `name` by itself (not only through a catch-all **kwargs)."""
-    for fn in (pipe.__call__, getattr(pipe, "_sanitize_parameters", None)):
-        if fn is not None and name in inspect.signature(fn).parameters:
-            return True
+    """Whether the pipeline takes keyword `name` itself (a subclass may hide it behind **kwargs)."""
+    for cls in type(pipe).__mro__:
+        for attr in ("__call__", "_sanitize_parameters"):
+            fn = cls.__dict__.get(attr)
+            if fn is not None and name in inspect.signature(fn).parameters:
+                return True
     return False
 
 

@@ -10,6 +10,7 @@ read from transformers 4.57's `__call__` methods:
     fill-mask             pipe([x]) -> r    (same)
     text2text-generation  pipe(["a", "b"]) flattens each [r] to r when one sequence comes back
     text-generation       a list of {"role", "content"} dicts is one chat, not a batch
+    feature-extraction    results keep the padded length of their batch: never batched across requests
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from .errors import RequestError
 
 TEXT2TEXT_TASKS = ("text2text-generation", "summarization", "translation")
 _UNWRAP_ONE_ITEM_LIST = ("question-answering", "fill-mask")
+# Results that keep their batch's padded length (as transformers' do): batching requests together
+# would change what each one gets back, so these run as sent.
+PADDING_SHOWS_TASKS = ("feature-extraction",)
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""Load test for `onnxpipe serve` on loopback: throughput and p50/p99 latency, dynamic batching on vs off.
+
+    python -m bench.serve_load                      # BERT-small classifier, 1/8/32 clients
+    python -m bench.serve_load --model DIR --requests 400 --time-limit 60
+
+Bounded: each (batching, clients) run sends a fixed number of requests and stops early at a
+time limit. The server runs as its own process (`python -m onnxpipe.cli serve`, the same command
+users run) on 127.0.0.1; the clients are asyncio + httpx in this process, one connection each,
+every client sending its next request as soon as its previous answer arrives (closed loop).
+Writes bench/results/serve_load.json and bench/results/serve_load.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CACHE = Path(os.environ.get("ONNXPIPE_BENCH_CACHE", ROOT / ".cache" / "bench"))
+LOOPBACK = "127.0.0.1"
+# BERT-small (Turc et al.'s L-4 H-256 A-4): an edge-sized classifier, random weights (speed does not
+# depend on their values) with the tiny checkpoints' trained WordPiece tokenizer.
+SMALL_BERT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+MODES = {"on": ["--max-batch-size", "32", "--max-wait-ms", "5"], "off": ["--max-batch-size", "1", "--max-wait-ms", "0"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model folder (default: a BERT-small text classifier, built once)")
+    ap.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
+    ap.add_argument("--requests", type=int, default=600, help="requests per run (fixed count)")
+    ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per run at most")
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads in the server")
+    ap.add_argument("--out", default=str(RESULTS / "serve_load"), help="path prefix of the .json and .md written")
+    args = ap.parse_args(argv)
+    model = Path(args.model) if args.model else small_bert()
+    clients = [int(c) for c in args.clients.split(",")]
+    texts = sentences()
+    load_before = os.getloadavg()
+    runs = []
+    for mode, flags in MODES.items():
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        with Server(model, [*flags, *extra, "--max-queue", "1024"]) as srv:
+            asyncio.run(load(srv.url, texts, concurrency=4, requests=40, time_limit=30))  # warm-up, not counted
+            for c in clients:
+                stats = asyncio.run(load(srv.url, texts, concurrency=c, requests=args.requests,
+                                         time_limit=args.time_limit))
+                stats.update(batching=mode, clients=c, server_flags=flags + extra)
+                runs.append(stats)
+                print(f"batching {mode:3} clients {c:2}: {stats['throughput_rps']:7.1f} req/s  "
+                      f"p50 {stats['p50_ms']:6.1f} ms  p99 {stats['p99_ms']:6.1f} ms  "
+                      f"({stats['completed']}/{args.requests} in {stats['seconds']:.1f} s, "
+                      f"mean batch {stats['mean_batch']:.1f})", flush=True)
+    report = {"model": str(model), "machine": machine(load_before, os.getloadavg()), "runs": runs,
+              "requests_per_run": args.requests, "time_limit_s": args.time_limit}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+async def load(url: str, texts: list[str], *, concurrency: int, requests: int, time_limit: float) -> dict:
+    """Closed loop: `concurrency` clients share `requests` requests; stop issuing at `time_limit`."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    issued = 0
+    before = await _batch_counts(url)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        start = time.perf_counter()
+        deadline = start + time_limit
+
+        async def one_client():
+            nonlocal issued
+            while issued < requests and time.perf_counter() < deadline:
+                text = texts[issued % len(texts)]
+                issued += 1
+                t0 = time.perf_counter()
+                r = await client.post("/v1/models/bench", json={"inputs": text})
+                latencies.append(time.perf_counter() - t0)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    after = await _batch_counts(url)
+    latencies.sort()
+    batches = after[0] - before[0]
+    return {"completed": len(latencies), "seconds": round(seconds, 3), "statuses": statuses,
+            "throughput_rps": round(len(latencies) / seconds, 2),
+            "p50_ms": round(1000 * _quantile(latencies, 0.50), 2), "p99_ms": round(1000 * _quantile(latencies, 0.99), 2),
+            "mean_batch": round((after[1] - before[1]) / batches, 2) if batches else 0.0}
+
+
+async def _batch_counts(url: str) -> tuple[float, float]:
+    """(batches run, inputs run) from the server's /metrics."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url) as client:
+        text = (await client.get("/metrics")).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("onnxpipe_batch_size_count", "onnxpipe_batch_size_sum"):
+            if line.startswith(name + '{model="bench"}'):
+                values[name] = float(line.split()[-1])
+    return values.get("onnxpipe_batch_size_count", 0.0), values.get("onnxpipe_batch_size_sum", 0.0)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+class Server:
+    """`onnxpipe serve` in a subprocess on a free loopback port, stopped with SIGTERM."""
+
+    def __init__(self, model: Path, flags: list[str]):
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.args = [sys.executable, "-m", "onnxpipe.cli", "serve", "--model", f"bench={model}", "--host", LOOPBACK,
+                     "--port", str(self.port), *flags]
+
+    def __enter__(self):
+        import httpx
+
+        self.log = open(CACHE / f"serve-{self.port}.log", "wb")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready in 120 s; see {self.log.name}")
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def small_bert() -> Path:
+    out = CACHE / "serve" / "bert-small-text-classification"
+    if (out / "onnxpipe.json").exists():
+        return out
+    from onnxpipe.export import export_model
+    from onnxpipe.export.tiny import cached_checkpoint
+
+    (CACHE / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt = cached_checkpoint("bert", "text-classification", CACHE / "checkpoints", **SMALL_BERT)
+    print(f"bench: exporting {out.name} (once)", flush=True)
+    export_model(ckpt, out, "text-classification", quantize=None, atol=1e-3, rtol=1e-3)
+    return out
+
+
+def sentences() -> list[str]:
+    """Real sentences of the tokenizer's training corpus, 5 to 40 words (about as many tokens)."""
+    from onnxpipe.export.tiny import corpus_lines
+
+    lines = [ln for ln in corpus_lines() if ln.isascii() and 5 <= len(ln.split()) <= 40]
+    return lines[:500]
+
+
+def machine(load_before, load_after) -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(load_after[0], 2)}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Model: `{Path(report['model']).name}`; {m['cpus']} CPUs; 1-min load average "
+             f"{m['loadavg_1m_before']} before, {m['loadavg_1m_after']} after; up to {report['requests_per_run']} "
+             f"requests per run, {report['time_limit_s']:g} s at most.", "",
+             "| clients | batching | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch | completed |",
+             "|---:|:---|---:|---:|---:|---:|---:|"]
+    for r in sorted(report["runs"], key=lambda r: (r["clients"], r["batching"] != "off")):
+        lines.append(f"| {r['clients']} | {r['batching']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['completed']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
