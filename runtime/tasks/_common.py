@@ -120,6 +120,14 @@ def check_positive_int(value, arg_name: str) -> int:
     return int(value)
 
 
+def check_choice(value, choices: tuple[str, ...], arg_name: str) -> str:
+    """A case-insensitive option name (transformers' str enums pass too) -> its lower-case form."""
+    name = value.lower() if isinstance(value, str) else None
+    if name not in choices:
+        raise ValueError(f"{arg_name}={value!r} is not understood: use one of {', '.join(choices)}")
+    return name
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """transformers.pipelines' softmax (max-shifted), in float32 like the model's logits."""
     shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))

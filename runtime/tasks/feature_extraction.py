@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import EncoderPipeline, check_positive_int, check_texts, check_tokenizer_kwargs, encode
+from ._common import EncoderPipeline, check_choice, check_positive_int, check_texts, check_tokenizer_kwargs, encode
 
 POOLING = ("mean", "cls", "max", "mean_sqrt_len", "last")
 
@@ -77,9 +77,7 @@ class SentenceEmbeddingPipeline(EncoderPipeline):
         if max_length is not None:
             pre["max_length"] = check_positive_int(max_length, "max_length")
         if pooling is not None:
-            if pooling not in POOLING:
-                raise ValueError(f"pooling={pooling!r} is not supported: use one of {', '.join(POOLING)}")
-            post["pooling"] = pooling
+            post["pooling"] = check_choice(pooling, POOLING, "pooling")
         if normalize is not None:
             post["normalize"] = bool(normalize)
         return pre, {}, post

@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from ._common import EncoderPipeline, check_positive_int, check_tokenizer_kwargs, encode, sigmoid, softmax
+from ._common import EncoderPipeline, check_choice, check_positive_int, check_tokenizer_kwargs, encode, sigmoid, softmax
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 _PAIR_HINT = ('The pipeline received invalid inputs, if you are trying to send text pairs, you can try to send a'
@@ -54,11 +54,7 @@ class TextClassificationPipeline(EncoderPipeline):
                           UserWarning, stacklevel=4)
             postprocess_params["top_k"] = None if return_all_scores else 1
         if function_to_apply is not None:
-            name = function_to_apply.lower() if isinstance(function_to_apply, str) else None
-            if name not in FUNCTIONS:
-                raise ValueError(f"function_to_apply={function_to_apply!r} is not understood: use one of "
-                                 f"{', '.join(FUNCTIONS)}")
-            postprocess_params["function_to_apply"] = name
+            postprocess_params["function_to_apply"] = check_choice(function_to_apply, FUNCTIONS, "function_to_apply")
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, inputs, **tokenizer_kwargs) -> dict[str, np.ndarray]:
