@@ -44,7 +44,7 @@ def export_model(
     out: str | os.PathLike,
     task: str = "auto",
     *,
-    quantize: str | None = None,
+    quantize: str | list[str] | None = None,
     weight_type: str = DEFAULT_WEIGHT_TYPE,
     per_channel: bool = False,
     reduce_range: bool = False,
@@ -61,8 +61,7 @@ def export_model(
     failed validation; nothing is left at `out` in that case.
     """
     out = Path(out)
-    if quantize not in (None, "int8"):
-        raise ExportError(f"--quantize {quantize!r} is not supported: use int8 (or leave it out for fp32 only)")
+    precisions = _parse_quantize(quantize)
     if weight_type.lower() not in WEIGHT_TYPES:
         raise ExportError(f"--weight-type {weight_type!r} is not supported: use one of {', '.join(WEIGHT_TYPES)}")
     source = ckpt_mod.inspect_checkpoint(checkpoint)
@@ -104,15 +103,23 @@ def export_model(
                     f"validation failed: {worst['role']}/{worst['output']} differs from torch by "
                     f"{worst['max_abs_diff']:.3g} > tolerance {worst['tolerance']:.3g} ({worst['case']}); "
                     "raise --atol/--rtol if this model is known to be less exact")
-            quantization = None
-            if quantize == "int8":
+            quantization = {}
+            if "int8" in precisions:
                 from .quantize import quantize_int8
                 int8_roles = quantize_int8(tmp_out, roles, weight_type=weight_type, per_channel=per_channel,
                                            reduce_range=reduce_range)
                 fidelity = measure_fidelity(model, tokenizer, task, tmp_out, int8_roles)
-                quantization = {"precision": "int8", "method": "dynamic", "weight_type": _wt_name(weight_type),
-                                "per_channel": per_channel, "reduce_range": reduce_range, "fidelity": fidelity}
-                _warn_if_poor(fidelity)
+                quantization["int8"] = {"method": "dynamic (weights int8, activations quantized per call)",
+                                        "weight_type": _wt_name(weight_type), "per_channel": per_channel,
+                                        "reduce_range": reduce_range, "fidelity": fidelity}
+                _warn_if_poor("int8", fidelity)
+            if "int4" in precisions:
+                from .quantize import quantize_int4
+                int4_roles = quantize_int4(tmp_out, roles)
+                fidelity = measure_fidelity(model, tokenizer, task, tmp_out, int4_roles)
+                quantization["int4"] = {"method": "weight-only 4-bit blocks (MatMulNBits)", "block_size": 32,
+                                        "symmetric": True, "accuracy_level": 4, "fidelity": fidelity}
+                _warn_if_poor("int4", fidelity)
             from .manifest import write_manifest
             write_manifest(tmp_out, task=task, config=config, tokenizer=tokenizer, model=model, roles=roles,
                            validation=validation, optimization=optimization, quantization=quantization,
@@ -122,6 +129,21 @@ def export_model(
             shutil.rmtree(tmp_out, ignore_errors=True)
             raise
     return out
+
+
+QUANTIZE_CHOICES = ("int8", "int4")
+
+
+def _parse_quantize(quantize) -> list[str]:
+    if quantize is None:
+        return []
+    items = quantize.split(",") if isinstance(quantize, str) else list(quantize)
+    items = [str(i).strip().lower() for i in items if str(i).strip()]
+    bad = [i for i in items if i not in QUANTIZE_CHOICES]
+    if bad:
+        raise ExportError(f"--quantize {','.join(bad)!s} is not supported: use int8 (dynamic), int4 (weight-only "
+                          "MatMulNBits) or both as int8,int4; leave it out for fp32 only")
+    return items
 
 
 def resolve_task(task: str, config) -> str:
@@ -261,12 +283,13 @@ def _wt_name(weight_type: str) -> str:
     return {"quint8": "QUInt8", "qint8": "QInt8"}[weight_type.lower()]
 
 
-def _warn_if_poor(fidelity: dict) -> None:
+def _warn_if_poor(precision: str, fidelity: dict) -> None:
+    from .validate import is_poor
+
     for role, outputs in fidelity.items():
         for name, f in outputs.items():
-            agree = f.get("top1_agreement")
-            cos = f.get("min_cosine")
-            if (agree is not None and agree < 0.9) or (cos is not None and cos < 0.99):
-                warnings.warn(f"int8 {role}/{name} is far from fp32 (top-1 agreement {agree}, min cosine {cos}, "
-                              f"max abs diff {f['max_abs_diff']:.3g}): check accuracy before serving model.int8.onnx, "
-                              "or try --weight-type/--per-channel/--reduce-range", stacklevel=3)
+            if is_poor(f):
+                figures = ", ".join(f"{k} {v:.3g}" for k, v in f.items())
+                warnings.warn(f"{precision} {role}/{name} is far from fp32 ({figures}): check accuracy before serving "
+                              f"the *.{precision}.onnx files" + (", or try --weight-type / --per-channel / --reduce-range"
+                                                                 if precision == "int8" else ""), stacklevel=3)

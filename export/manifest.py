@@ -18,9 +18,10 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
                    source, hf_dir, graph_edits=None) -> dict:
     files = {role: {"fp32": _file_entry(out, name)} for role, name in roles.items()}
     for role, name in roles.items():
-        int8 = out / name.replace(".onnx", ".int8.onnx")
-        if int8.exists():
-            files[role]["int8"] = _file_entry(out, int8.name)
+        for precision in ("int8", "int4"):
+            q = out / name.replace(".onnx", f".{precision}.onnx")
+            if q.exists():
+                files[role][precision] = _file_entry(out, q.name)
     io = {role: _graph_io(out / name) for role, name in roles.items()}
     id2label = label2id = None
     if task in ("text-classification", "token-classification"):
@@ -47,7 +48,7 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
         "chat_template": getattr(tokenizer, "chat_template", None),
         "sentence_embedding": _sentence_embedding(task, Path(hf_dir)),
         "optimization": optimization,
-        "quantization": quantization,
+        "quantization": quantization or None,
         "validation": validation,
         "versions": _versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

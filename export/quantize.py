@@ -28,6 +28,26 @@ def quantize_int8(out_dir: Path, roles: dict, weight_type: str = "quint8", per_c
     return int8
 
 
+def quantize_int4(out_dir: Path, roles: dict, block_size: int = 32, accuracy_level: int = 4) -> dict[str, str]:
+    """Weight-only 4-bit block quantization of MatMul weights (ONNX Runtime's MatMulNBits, as onnxruntime-genai
+    uses on CPU); `accuracy_level=4` computes with int8 activations. Writes `<name>.int4.onnx` per role."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    int4 = {}
+    for role, name in roles.items():
+        src = out_dir / name
+        dst = out_dir / name.replace(".onnx", ".int4.onnx")
+        with warnings.catch_warnings(), _quiet_root_logger():
+            warnings.simplefilter("ignore")
+            cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
+            quant = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=cfg)
+            quant.process()
+            quant.model.save_model_to_file(str(dst), use_external_data_format=False)
+        int4[role] = dst.name
+    return int4
+
+
 class _quiet_root_logger:
     """quantize_dynamic logs a pre-processing hint on the root logger at every call."""
 

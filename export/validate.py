@@ -32,10 +32,14 @@ def validate_export(model, tokenizer, task, out_dir, roles, atol=1e-4, rtol=1e-4
 
 
 def measure_fidelity(model, tokenizer, task, out_dir, roles) -> dict:
-    """int8 vs torch fp32: per role and output, the worst case over all sample inputs."""
+    """int8 vs torch fp32: per role and output, the worst case over all sample inputs.
+
+    Logits: max abs diff and top-1 agreement. Hidden states: max abs diff, min and mean
+    token cosine, and for feature-extraction the min cosine of mean-pooled sentence embeddings.
+    """
     fidelity: dict = {}
     for role, case, name, ref, got, mask in _compare_cases(model, tokenizer, task, out_dir, roles):
-        if name.startswith("present"):
+        if name.startswith("present") or "logits_to_keep" in case:
             continue
         entry = fidelity.setdefault(role, {}).setdefault(name, {"max_abs_diff": 0.0})
         entry["max_abs_diff"] = max(entry["max_abs_diff"], _masked_max_abs_diff(ref, got, mask))
@@ -43,10 +47,25 @@ def measure_fidelity(model, tokenizer, task, out_dir, roles) -> dict:
         if "logits" in name:
             agree = float(np.mean(np.argmax(r, -1) == np.argmax(g, -1)))
             entry["top1_agreement"] = min(entry.get("top1_agreement", 1.0), agree)
-        else:
-            cos = np.sum(r * g, -1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1) + 1e-12)
-            entry["min_cosine"] = min(entry.get("min_cosine", 1.0), float(np.min(cos)))
+            continue
+        cos = _cosine(r, g)
+        entry["min_cosine"] = min(entry.get("min_cosine", 1.0), float(np.min(cos)))
+        entry["mean_cosine"] = min(entry.get("mean_cosine", 1.0), float(np.mean(cos)))
+        if task == "feature-extraction" and name == "last_hidden_state" and mask is not None:
+            m = mask[..., None].astype(np.float32)
+            pooled = _cosine((ref * m).sum(1) / m.sum(1), (got * m).sum(1) / m.sum(1))
+            entry["sentence_min_cosine"] = min(entry.get("sentence_min_cosine", 1.0), float(np.min(pooled)))
     return fidelity
+
+
+def is_poor(entry: dict) -> bool:
+    """The thresholds below which an int8 export gets a warning."""
+    return (entry.get("top1_agreement", 1.0) < 0.9 or entry.get("mean_cosine", 1.0) < 0.98
+            or entry.get("sentence_min_cosine", 1.0) < 0.98)
+
+
+def _cosine(a, b):
+    return np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
 # --- the cases ---------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--task", default="auto", help="text-classification, token-classification, question-answering, "
                     "fill-mask, feature-extraction, text-generation, text2text-generation, or auto (default)")
     ex.add_argument("--out", required=True, help="model folder to write")
-    ex.add_argument("--quantize", choices=["int8"], default=None, help="also write dynamic int8 *.int8.onnx files")
+    ex.add_argument("--quantize", default=None, metavar="int8|int4|int8,int4",
+                    help="also write quantized files beside fp32: int8 (dynamic, *.int8.onnx) and/or int4 "
+                         "(weight-only MatMulNBits, *.int4.onnx; for decoders)")
     ex.add_argument("--weight-type", choices=["quint8", "qint8"], default="quint8",
                     help="int8 weight type (default quint8: safer on AVX2 CPUs without VNNI)")
     ex.add_argument("--per-channel", action="store_true", help="per-channel int8 weight scales")
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("texts", nargs="+")
     run.add_argument("--model", default=None, help="model folder (default: the task's built-in default)")
     run.add_argument("--device", default="cpu")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    run.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                      help="pipeline option, value parsed as JSON when it can be (e.g. -o top_k=3)")
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take before 504")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     sv.add_argument("--device", default="cpu")
-    sv.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    sv.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
     sv.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session")
     sv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
 

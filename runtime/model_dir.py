@@ -10,7 +10,7 @@ from .tokenizer import Tokenizer
 
 MANIFEST_NAME = "onnxpipe.json"
 SUPPORTED_FORMAT = 1
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4")
 
 
 class ModelDir:
@@ -30,7 +30,7 @@ class ModelDir:
         missing = [role for role, files in self.manifest["files"].items() if precision not in files]
         if missing:
             raise ValueError(f"model dir '{self.path}' has no {precision} file for {', '.join(missing)}: "
-                             f"export it with --quantize int8, or use precision='fp32'")
+                             f"export it with --quantize {precision}, or use precision='fp32'")
         self.precision = precision
         self.device = device
         self._session_kwargs = dict(device=device, intra_op_num_threads=intra_op_num_threads,
