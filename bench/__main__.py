@@ -1,0 +1,155 @@
+"""`python -m bench [CASE ...] [--quick]`: onnxpipe against transformers + torch and Optimum, side by side.
+
+CASE: limits, encoder, generation, coldstart, size, fidelity (default: all), optionally narrowed
+by a model or task name (bert, distilbert, text-classification, token-classification,
+question-answering, smollm2, gpt2). The machine's limits are measured in every run.
+
+A full run writes bench/results/run-<time>.json, latest.json, latest.md and latest.png;
+--quick (a few repetitions, a small subset, a couple of minutes) writes under bench/results/quick/.
+`--report FILE.json` re-renders the table and plot from a saved run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = ("limits", "encoder", "generation", "coldstart", "size", "fidelity")
+FILTERS = ("bert", "distilbert", "text-classification", "token-classification", "question-answering", "smollm2", "gpt2")
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="*", help=f"any of {', '.join(CASES + FILTERS)}")
+    parser.add_argument("--quick", action="store_true", help="few repetitions, small subset (a sanity check)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="intra-op threads for every contender (default: %(default)s)")
+    parser.add_argument("--report", metavar="JSON", help="only re-render latest.md / latest.png from a saved run")
+    parser.add_argument("--readme", action="store_true", help="with --report: also rewrite the README's Benchmarks section")
+    args = parser.parse_args(argv)
+
+    from . import report
+
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        out = Path(args.report).parent
+        report.write(results, out / "latest.md", out / "latest.png")
+        print(f"wrote {out / 'latest.md'} and {out / 'latest.png'}")
+        if args.readme:
+            report.update_readme(results, README)
+        return 0
+    unknown = [c for c in args.cases if c not in CASES + FILTERS]
+    if unknown:
+        parser.error(f"unknown case {', '.join(unknown)}: use any of {', '.join(CASES + FILTERS)}")
+    cases = [c for c in args.cases if c in CASES] or list(CASES)
+    only = [c for c in args.cases if c in FILTERS] or None
+    results = run(cases, only, args.threads, args.quick)
+
+    out = RESULTS / "quick" if args.quick else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = results["meta"]["started"].replace(":", "").replace("-", "")[:15]
+    path = out / f"run-{stamp}.json"
+    text = json.dumps(results, indent=1, default=float)
+    path.write_text(text)
+    (out / "latest.json").write_text(text)
+    report.write(results, out / "latest.md", out / "latest.png")
+    print(f"wrote {path}, {out / 'latest.md'} and {out / 'latest.png'}")
+    if not args.quick and cases == list(CASES) and only is None and report.update_readme(results, README):
+        print(f"updated the Benchmarks section of {README}")
+    return 0
+
+
+def run(cases: list[str], only: list[str] | None, threads: int, quick: bool) -> dict:
+    meta = machine_info(threads, quick)
+    meta["cases"], meta["filters"] = cases, only
+    results: dict = {"meta": meta}
+    t_start = time.time()
+    print(f"bench: {'quick' if quick else 'full'} run of {', '.join(cases)} with {threads} threads; "
+          f"load average {meta['loadavg_start']}", flush=True)
+
+    from . import limits
+
+    results["limits"] = limits.measure(threads, quick=quick)
+    _section_done(results, "limits", t_start)
+    gemm, bw = results["limits"]["gemm_gflops"], results["limits"]["bandwidth_gbs"]
+    if "encoder" in cases:
+        from . import encoder
+
+        results["encoder"] = encoder.run(threads, quick, gemm, only)
+        _section_done(results, "encoder", t_start)
+    if "generation" in cases:
+        from . import generation
+
+        results["generation"] = generation.run(threads, quick, bw, only)
+        _section_done(results, "generation", t_start)
+    if "coldstart" in cases:
+        from . import coldstart
+
+        results["coldstart"] = coldstart.run(threads, quick)
+        _section_done(results, "coldstart", t_start)
+    if "size" in cases:
+        from . import size
+
+        results["size"] = size.run(quick)
+        _section_done(results, "size", t_start)
+    if "fidelity" in cases:
+        from . import fidelity
+
+        results["fidelity"] = fidelity.run(threads, quick)
+        _section_done(results, "fidelity", t_start)
+    if len(cases) > 1 and "limits" in cases:  # the machine again at the end: did it drift during the run?
+        results["limits_end"] = limits.measure(threads, quick=True)
+    meta["finished"] = _now()
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["duration_s"] = round(time.time() - t_start, 1)
+    from . import report
+
+    results["targets"] = report.targets(results)
+    return results
+
+
+def _section_done(results: dict, name: str, t_start: float) -> None:
+    load = [round(x, 2) for x in os.getloadavg()]
+    results["meta"].setdefault("sections", {})[name] = {"done_after_s": round(time.time() - t_start, 1), "loadavg": load}
+    print(f"bench: {name} done after {time.time() - t_start:.0f} s (load average {load})", flush=True)
+
+
+def machine_info(threads: int, quick: bool) -> dict:
+    import numpy
+    import onnxruntime
+
+    cpu = ""
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    versions = {"python": platform.python_version(), "numpy": numpy.__version__, "onnxruntime": onnxruntime.__version__}
+    for name in ("torch", "transformers", "optimum", "optimum.onnxruntime", "tokenizers"):
+        try:
+            from importlib import metadata
+
+            versions[name] = metadata.version(name if name != "optimum.onnxruntime" else "optimum-onnx")
+        except Exception:
+            pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    return {"started": _now(), "mode": "quick" if quick else "full", "threads": threads, "cpu": cpu,
+            "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "versions": versions, "git_commit": commit,
+            "command": " ".join(["python -m bench", *sys.argv[1:]])}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

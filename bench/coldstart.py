@@ -1,0 +1,148 @@
+"""Whole-process cold start to the first classification result, and peak RSS, as a user sees them.
+
+Each contender is a fresh `python -c` process (BERT-base sentiment, one short text): interpreter
+start, imports, model load, session creation, the first call. Time runs from just before the
+process is spawned to the moment it has its result; peak RSS is the child's own ru_maxrss from
+wait4(). Model files are in the page cache (the first, discarded round puts them there), as on
+a server restarting a model it has served before.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import artifacts
+
+TEXT = "I love this movie, it is wonderful"
+
+_TRANSFORMERS = """
+import torch, transformers
+torch.set_num_threads({threads})
+p = transformers.pipeline("text-classification", model={ckpt!r}, device=-1)
+r = p({text!r})
+"""
+_OPTIMUM = """
+import onnxruntime as ort, transformers
+from optimum.onnxruntime import ORTModelForSequenceClassification
+so = ort.SessionOptions(); so.intra_op_num_threads = {threads}
+m = ORTModelForSequenceClassification.from_pretrained({plain!r}, file_name="model.onnx", session_options=so)
+p = transformers.pipeline("text-classification", model=m, tokenizer=transformers.AutoTokenizer.from_pretrained({plain!r}))
+r = p({text!r})
+"""
+_ONNXPIPE = """
+import onnxpipe
+p = onnxpipe.pipeline("text-classification", model={folder!r}, precision={precision!r}, intra_op_num_threads={threads})
+r = p({text!r})
+"""
+# The session loads a graph ONNX Runtime already optimized and saved, and skips optimizing it again.
+_ONNXPIPE_PREOPT = """
+import onnxruntime as ort, onnxpipe
+so = ort.SessionOptions(); so.intra_op_num_threads = {threads}; so.log_severity_level = 3
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+p = onnxpipe.pipeline("text-classification", model={folder!r}, session_options=so)
+r = p({text!r})
+"""
+_IMPORT_ONLY = """
+import onnxpipe
+r = None
+"""
+
+
+def run(threads: int, quick: bool) -> dict:
+    ckpt = artifacts.checkpoint("bert", "text-classification")
+    plain = artifacts.export("bert", "text-classification")
+    opt = artifacts.export("bert", "text-classification", optimized=True)
+    preopt = preoptimized_copy(plain)
+    scripts = {
+        "transformers torch fp32": _TRANSFORMERS.format(threads=threads, ckpt=str(ckpt), text=TEXT),
+        "Optimum ORT fp32": _OPTIMUM.format(threads=threads, plain=str(plain), text=TEXT),
+        "onnxpipe fp32": _ONNXPIPE.format(threads=threads, folder=str(plain), precision="fp32", text=TEXT),
+        "onnxpipe fp32 fused": _ONNXPIPE.format(threads=threads, folder=str(opt), precision="fp32", text=TEXT),
+        "onnxpipe fp32 pre-optimized (ORT_DISABLE_ALL)": _ONNXPIPE_PREOPT.format(threads=threads, folder=str(preopt), text=TEXT),
+        "onnxpipe int8": _ONNXPIPE.format(threads=threads, folder=str(plain), precision="int8", text=TEXT),
+        "import onnxpipe only": _IMPORT_ONLY,
+    }
+    model_bytes = {"fp32": (plain / "model.onnx").stat().st_size, "int8": (plain / "model.int8.onnx").stat().st_size}
+    rounds = 1 if quick else 3
+    samples: dict[str, list[dict]] = {n: [] for n in scripts}
+    errors = {}
+    for r in range(rounds + 1):  # round 0 warms the page cache and is not counted
+        for name, code in scripts.items():
+            if name in errors:
+                continue
+            try:
+                s = _one_process(code)
+            except RuntimeError as e:
+                errors[name] = str(e)
+                continue
+            if r > 0:
+                samples[name].append(s)
+    out = {"text": TEXT, "model": "bert-base text-classification (random weights)", "model_bytes": model_bytes,
+           "rounds": rounds, "errors": errors, "contenders": {}}
+    ref = samples.get("transformers torch fp32")
+    ref_s = float(np.median([s["first_result_s"] for s in ref])) if ref else None
+    for name, ss in samples.items():
+        if not ss:
+            continue
+        first = [s["first_result_s"] for s in ss]
+        rss = [s["peak_rss_mib"] for s in ss]
+        row = {"first_result_s": float(np.median(first)), "min_s": min(first), "max_s": max(first),
+               "peak_rss_mib": float(np.median(rss)), "samples": ss}
+        if ref_s:
+            row["fraction_of_transformers"] = row["first_result_s"] / ref_s
+        out["contenders"][name] = row
+    return out
+
+
+def preoptimized_copy(src: Path) -> Path:
+    """`src`'s fp32 graph as ONNX Runtime optimizes it at ORT_ENABLE_EXTENDED (portable across CPUs), saved."""
+    import onnxruntime as ort
+
+    out = artifacts.CACHE / "exports" / f"{src.name}-preoptimized"
+    if (out / "onnxpipe.json").exists():
+        return out
+    tmp = artifacts.variant_scratch(src, out)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp / "model.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    manifest = json.loads((tmp / "onnxpipe.json").read_text())
+    manifest["files"]["model"] = {"fp32": {**manifest["files"]["model"]["fp32"], "sha256": None,
+                                           "bytes": (tmp / "model.onnx").stat().st_size}}
+    (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+def _one_process(code: str) -> dict:
+    wrapped = "import time as _t, json as _j, sys as _s\n_t0 = float(_s.argv[1])\n" + textwrap.dedent(code) + \
+        "\nprint('BENCH ' + _j.dumps({'first_result_s': _t.time() - _t0}), flush=True)\n"
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "-c", wrapped, repr(t0)], stdout=out, stderr=err, env=env, text=True)
+        # wait4 rather than wait: it also returns the child's own peak RSS.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"exit {proc.returncode}: {tail}")
+    result = json.loads(line[6:])
+    result["process_s"] = wall
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024
+    return result

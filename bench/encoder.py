@@ -1,0 +1,99 @@
+"""Encoder tasks through each contender's whole pipeline (tokenize, run, postprocess).
+
+Batch-1 latency at sequence lengths 16, 128, 512 (p50, p95) and batch-32 throughput at 128,
+for classification, NER and QA on BERT-base-sized and DistilBERT-base-sized random models.
+"""
+from __future__ import annotations
+
+import gc
+
+from . import artifacts, contenders as C
+from .inputs import qa_pairs, texts_of_length
+from .limits import encoder_gflop
+from .timing import paired_speedup, summarize, time_interleaved
+
+SHAPES = {"bert": dict(layers=12, hidden=768, intermediate=3072), "distilbert": dict(layers=6, hidden=768, intermediate=3072)}
+# (arch, task) groups and their shapes: (batch, length). Quick mode: one group, two shapes.
+FULL_GROUPS = [("bert", "text-classification"), ("distilbert", "text-classification"),
+               ("bert", "token-classification"), ("bert", "question-answering")]
+FULL_SHAPES = [(1, 16), (1, 128), (1, 512), (32, 128)]
+QUICK_GROUPS = [("bert", "text-classification")]
+QUICK_SHAPES = [(1, 16), (1, 128), (32, 128)]
+# seconds per (group, shape), min and max rounds
+BUDGET = {"full": {1: (12.0, 5, 40), 32: (50.0, 3, 6)}, "quick": {1: (3.0, 3, 10), 32: (6.0, 1, 2)}}
+BUDGET_512 = {"full": (30.0, 4, 15), "quick": (4.0, 2, 4)}
+
+
+def run(threads: int, quick: bool, gemm_gflops: float | None, only: list[str] | None = None) -> list[dict]:
+    mode = "quick" if quick else "full"
+    groups = QUICK_GROUPS if quick else FULL_GROUPS
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    if only:
+        groups = [g for g in groups if any(o in (g[0], g[1], f"{g[0]}-{g[1]}") for o in only)] or groups
+    results = []
+    for arch, task in groups:
+        results += _run_group(arch, task, shapes, threads, mode, gemm_gflops)
+    return results
+
+
+def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
+    ckpt = artifacts.checkpoint(arch, task)
+    plain, opt = artifacts.export(arch, task), artifacts.export(arch, task, optimized=True)
+    # QInt8 weights (faster here than the export's default QUInt8, STACK.md) on the group the targets are about.
+    qint8 = artifacts.export(arch, task, optimized=True, weight_type="qint8") \
+        if (arch, task) == ("bert", "text-classification") else None
+    built, errors = {}, {}
+    for name, build in C.encoder_contenders(task, ckpt, plain, opt, threads, opt_qint8=qint8).items():
+        try:
+            built[name] = build()
+        except Exception as e:  # a contender that cannot load this model is reported, not fatal
+            errors[name] = f"load failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    paths = {n: ("session+tokenizer only (pipeline not committed yet)" if isinstance(p, C.SessionOnly) else "pipeline")
+             for n, p in built.items()}
+    tok_json = plain / "tokenizer.json"
+    rows = []
+    for batch, length in shapes:
+        budget, lo, hi = BUDGET_512[mode] if length == 512 else BUDGET[mode][batch]
+        inputs = _inputs(task, tok_json, batch, length)
+        calls = {name: _call(task, pipe, inputs, batch, length) for name, pipe in built.items()}
+        print(f"bench: {arch} {task} batch {batch} len {length}: {len(calls)} contenders", flush=True)
+        times, case_errors = time_interleaved(calls, budget_s=budget, min_reps=lo, max_reps=hi, warmup=1)
+        case_errors.update(errors)
+        flops = encoder_gflop(seq=length, batch=batch, **SHAPES[arch])
+        floor_ms = flops / gemm_gflops * 1e3 if gemm_gflops else None
+        ref = times.get(C.REFERENCE)
+        row = {"model": f"{arch}-base", "arch": arch, "task": task, "batch": batch, "length": length,
+               "gflop": flops, "floor_ms": floor_ms, "errors": case_errors, "contenders": {}}
+        for name, t in times.items():
+            s = summarize(t)
+            s["speedup_vs_torch"] = paired_speedup(ref, t) if ref else None
+            s["path"] = paths[name]
+            if batch > 1:
+                s["items_per_s"] = batch / (s["p50"] / 1e3)
+            if floor_ms:
+                s["floor_over_p50"] = floor_ms / s["p50"]
+            row["contenders"][name] = s
+        rows.append(row)
+    del built
+    gc.collect()
+    return rows
+
+
+def _inputs(task, tok_json, batch, length):
+    if task == "question-answering":
+        return qa_pairs(tok_json, length, batch)
+    return texts_of_length(tok_json, length, batch)
+
+
+def _call(task, pipe, inputs, batch, length):
+    if task == "question-answering":
+        # transformers splits a context longer than max_seq_len (384) into windows: give every contender
+        # room for the whole length so the 512 case is one 512-token window, not two of 384.
+        extra = {"max_seq_len": length} if length > 384 else {}
+        if batch == 1:
+            return lambda: pipe(question=inputs[0]["question"], context=inputs[0]["context"], **extra)
+        qs, cs = [p["question"] for p in inputs], [p["context"] for p in inputs]
+        return lambda: pipe(question=qs, context=cs, batch_size=batch, **extra)
+    if batch == 1:
+        return lambda: pipe(inputs[0])
+    return lambda: pipe(inputs, batch_size=batch)

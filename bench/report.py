@@ -1,0 +1,419 @@
+"""A run's JSON -> the markdown table (latest.md), the issue's targets checked, and a plot (latest.png)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .contenders import REFERENCE
+from .timing import fmt_ms
+
+ONNX_FP32 = ("onnxpipe fp32", "onnxpipe fp32 fused")
+ONNX_INT8 = ("onnxpipe int8", "onnxpipe int8 fused", "onnxpipe int8 fused (QInt8)")
+
+
+def write(results: dict, md_path: Path, png_path: Path) -> None:
+    md_path.write_text(markdown(results))
+    try:
+        plot(results, png_path)
+    except Exception as e:  # matplotlib missing: the table is still written
+        print(f"bench: no plot ({type(e).__name__}: {e})")
+
+
+# --- the issue's targets ------------------------------------------------------------------------------------------
+
+def targets(results: dict) -> list[dict]:
+    out = []
+
+    def add(target, figure, ok):
+        out.append({"target": target, "figure": figure, "pass": ok})
+
+    cls = {(r["batch"], r["length"]): r for r in results.get("encoder", [])
+           if r["arch"] == "bert" and r["task"] == "text-classification"}
+    if (1, 128) in cls:
+        r = cls[(1, 128)]
+        name, s = _best(r, ONNX_FP32)
+        if s and r["floor_ms"]:
+            add("BERT-base classification b1 L128 fp32 within 10% of the compute floor",
+                f"{name} {fmt_ms(s['p50'])} vs floor {fmt_ms(r['floor_ms'])} ({s['p50'] / r['floor_ms']:.2f}x the floor)",
+                s["p50"] <= 1.1 * r["floor_ms"])
+        name, s = _best(r, ONNX_INT8)
+        if s and s.get("speedup_vs_torch"):
+            acc = _default_accuracy(results, "text-classification")
+            acc_txt = (f"; held-out accuracy fp32 {acc[0]:.3f} / int8 {acc[1]:.3f}" if acc else "; no held-out accuracy")
+            sp = s["speedup_vs_torch"]["median"]
+            add("int8 classification b1 L128 >= 2.5x transformers+torch, accuracy within 1 point",
+                f"{name} {sp:.2f}x{acc_txt}", sp >= 2.5 and (acc is None or abs(acc[0] - acc[1]) <= 0.01))
+    if (1, 16) in cls:
+        name, s = _best(cls[(1, 16)], ONNX_FP32)
+        if s and s.get("speedup_vs_torch"):
+            sp = s["speedup_vs_torch"]["median"]
+            add("classification b1 L16 fp32 >= 3x transformers+torch", f"{name} {sp:.2f}x", sp >= 3)
+    if (32, 128) in cls:
+        name, s = _best(cls[(32, 128)], ONNX_INT8)
+        if s and s.get("speedup_vs_torch"):
+            sp = s["speedup_vs_torch"]["median"]
+            add("batch 32 throughput int8 >= 1.8x transformers+torch", f"{name} {sp:.2f}x "
+                f"({s['items_per_s']:.1f} items/s)", sp >= 1.8)
+    for g in results.get("generation", []):
+        if g["key"] != "smollm2" or g["batch"] != 1:
+            continue
+        fp = g["contenders"].get("onnxpipe fp32")
+        if fp and fp.get("of_ceiling"):
+            add("SmolLM2 decode b1 fp32 >= 80% of the bandwidth ceiling",
+                f"{fp['steps_per_s']:.1f} tok/s vs ceiling {fp['ceiling_steps_per_s']:.1f} ({fp['of_ceiling']:.0%})",
+                fp["of_ceiling"] >= 0.8)
+        ppl = (results.get("fidelity", {}).get("smollm2") or {}).get("perplexity", {})
+        base = ppl.get("onnxpipe fp32", {}).get("ppl")
+        ref_rate = g["contenders"].get(REFERENCE, {}).get("steps_per_s")
+        for cname, pname in (("onnxpipe int8", "onnxpipe int8 (dynamic QUInt8)"),
+                             ("onnxpipe int4 (MatMulNBits)", "onnxpipe int4 (MatMulNBits, block 32)")):
+            c = g["contenders"].get(cname)
+            if not c or not ref_rate:
+                continue
+            ratio = c["steps_per_s"] / ref_rate
+            p = ppl.get(pname, {}).get("ppl")
+            drift = (p / base - 1) if (p and base) else None
+            drift_txt = f", perplexity {drift:+.1%} vs fp32" if drift is not None else ", perplexity not measured"
+            add(f"SmolLM2 decode b1 {cname} >= 5x transformers+torch, perplexity within 3%",
+                f"{c['steps_per_s']:.1f} vs {ref_rate:.1f} tok/s = {ratio:.2f}x{drift_txt}",
+                ratio >= 5 and drift is not None and abs(drift) <= 0.03)
+        keeps = g.get("prefill_last_logits_only")
+        if keeps is not None:
+            add("prefill computes the LM head for the last position only", "yes (logits_to_keep input)" if keeps else
+                "no: the export computes logits for every prompt position", keeps)
+    cs = results.get("coldstart", {}).get("contenders", {})
+    if "onnxpipe fp32" in cs and REFERENCE in cs:
+        o, t = cs["onnxpipe fp32"], cs[REFERENCE]
+        add("cold start to first BERT-base result (fp32) <= 1/8 of transformers'",
+            f"{o['first_result_s']:.2f} s vs {t['first_result_s']:.2f} s (1/{t['first_result_s'] / o['first_result_s']:.1f})",
+            o["first_result_s"] <= t["first_result_s"] / 8)
+        mb = results["coldstart"]["model_bytes"]["fp32"] / 2**20
+        add("peak RSS <= model file + 150 MB", f"{o['peak_rss_mib']:.0f} MiB vs {mb:.0f} + 150 MiB",
+            o["peak_rss_mib"] <= mb + 150 * 1e6 / 2**20)
+    size = results.get("size")
+    if size and "ratio" in size:
+        add("serve-time install <= 1/4 of transformers+torch", f"{size['serve_bytes'] / 1e6:.0f} MB vs "
+            f"{size['heavy_bytes'] / 1e6:.0f} MB (1/{1 / size['ratio']:.1f})", size["ratio"] <= 0.25)
+    return out
+
+
+def _best(row: dict, names) -> tuple[str | None, dict | None]:
+    found = [(n, row["contenders"][n]) for n in names if n in row["contenders"]]
+    if not found:
+        return None, None
+    return min(found, key=lambda kv: kv[1]["p50"])
+
+
+def _default_accuracy(results: dict, task: str):
+    for d in (results.get("fidelity") or {}).get("defaults", []):
+        ev = d.get("evaluation") or {}
+        if task in d.get("tasks", []) and ev.get("metric") == "accuracy":
+            return ev["scores"]["fp32"], ev["scores"]["int8"]
+    return None
+
+
+# --- markdown ------------------------------------------------------------------------------------------------------
+
+def markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = [f"# onnxpipe benchmark ({m['mode']} run)", "",
+             f"Run {m['started']} → {m.get('finished', '?')} ({m.get('duration_s', '?')} s), `{m['command']}`, "
+             f"commit {m['git_commit']}. {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; **{m['threads']} threads "
+             f"for every contender**. Load average (1/5/15 min) at start {_load(m['loadavg_start'])}, at end "
+             f"{_load(m.get('loadavg_end'))}: other jobs shared the machine, so compare contenders within a row "
+             "(measured interleaved) rather than across runs.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", ""]
+    lim = results.get("limits")
+    if lim:
+        end = results.get("limits_end")
+        lines += ["## Machine limits (same run)", "",
+                  f"- float32 GEMM: **{lim['gemm_gflops']:.0f} GFLOP/s** ({lim['gemm_note']})"
+                  + (f"; {end['gemm_gflops']:.0f} at the end of the run" if end else ""),
+                  f"- memory read bandwidth: **{lim['bandwidth_gbs']:.1f} GB/s** ({lim['bandwidth_note']})"
+                  + (f"; {end['bandwidth_gbs']:.1f} at the end" if end else ""), ""]
+    if results.get("targets"):
+        lines += ["## The issue's targets", "", "| target | measured | |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['figure']} | {'✅ met' if t['pass'] else '❌ not met'} |" for t in results["targets"]]
+        lines.append("")
+    if results.get("encoder"):
+        lines += _encoder_md(results["encoder"])
+    if results.get("generation"):
+        lines += _generation_md(results["generation"])
+    if results.get("coldstart"):
+        lines += _coldstart_md(results["coldstart"])
+    if results.get("size"):
+        lines += _size_md(results["size"])
+    if results.get("fidelity"):
+        lines += _fidelity_md(results["fidelity"])
+    return "\n".join(lines) + "\n"
+
+
+def _load(x) -> str:
+    return " / ".join(f"{v:.1f}" for v in x) if x else "?"
+
+
+def _speed(s: dict | None) -> str:
+    if not s:
+        return ""
+    return f" **{s['median']:.2f}x** ({s['min']:.2f}–{s['max']:.2f})"
+
+
+def _encoder_md(rows: list[dict]) -> list[str]:
+    out = ["## Encoder tasks: whole pipeline (tokenize, run, postprocess)", "",
+           "Batch 1: p50 / p95 latency; batch 32: items/s. **Speed-up vs transformers+torch** is the median of "
+           "round-by-round ratios (min–max). Floor = the matmul FLOPs at the machine's measured GEMM rate.", ""]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["task"]), []).append(r)
+    for (model, task), rs in groups.items():
+        shapes = [(r["batch"], r["length"]) for r in rs]
+        head = [f"b{b} L{l}" for b, l in shapes]
+        out += [f"### {model}, {task}", "", "| contender | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        names = []
+        for r in rs:
+            names += [n for n in r["contenders"] if n not in names]
+        for n in names:
+            cells = []
+            for r in rs:
+                s = r["contenders"].get(n)
+                if s is None:
+                    err = r["errors"].get(n, "not run")
+                    cells.append(f"failed: {err[:60]}")
+                elif r["batch"] == 1:
+                    cells.append(f"{fmt_ms(s['p50'])} / {fmt_ms(s['p95'])}" + ("" if n == REFERENCE else _speed(s["speedup_vs_torch"])))
+                else:
+                    cells.append(f"{s['items_per_s']:.1f}/s ({fmt_ms(s['p50'])})" + ("" if n == REFERENCE else _speed(s["speedup_vs_torch"])))
+            mark = " †" if any(r["contenders"].get(n, {}).get("path", "pipeline") != "pipeline" for r in rs) else ""
+            out.append(f"| {n}{mark} | " + " | ".join(cells) + " |")
+        out.append("| *compute floor (fp32)* | " + " | ".join(
+            (fmt_ms(r["floor_ms"]) + f" ({r['gflop']:.1f} GFLOP)") if r["floor_ms"] else "–" for r in rs) + " |")
+        reps = ", ".join(f"b{r['batch']} L{r['length']}: {min(s['n'] for s in r['contenders'].values())}" for r in rs if r["contenders"])
+        out += ["", f"Rounds per contender: {reps}."]
+        if any(" †" in ln for ln in out[-len(names) - 3:]):
+            out.append("† tokenizer + ONNX session only: this task's onnxpipe pipeline was not committed when this ran.")
+        out.append("")
+    return out
+
+
+def _generation_md(rows: list[dict]) -> list[str]:
+    out = ["## Generation: greedy, prompt of 64 tokens from real news text", "",
+           "Prefill = time to the first new token. Decode = tokens/s over the first 64 and all 256 new tokens "
+           "(all sequences of the batch), from one timestamp per token; speed-up vs transformers+torch is paired "
+           "by round. Ceiling = read bandwidth / weight bytes streamed per step (embedding tables that are only "
+           "gathered from are not counted).", ""]
+    for g in rows:
+        wb = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in g["weight_bytes_streamed"].items())
+        out += [f"### {g['model']}, batch {g['batch']}", "", f"Weights streamed per step: {wb}.", "",
+                "| contender | prefill p50 | decode tok/s (64) | decode tok/s (256) | step p50 | of bandwidth ceiling |",
+                "|---|---|---|---|---|---|"]
+        for n, c in g["contenders"].items():
+            d64, d256 = c.get("decode_64"), c.get("decode_256")
+
+            def dec(d):
+                if not d:
+                    return "–"
+                return f"{d['tokens_per_s']:.1f}" + ("" if n == REFERENCE else _speed(d.get("speedup_vs_torch")))
+            ceil = (f"{c['of_ceiling']:.0%} of {c['ceiling_steps_per_s']:.0f} steps/s" if c.get("of_ceiling") else "–")
+            out.append(f"| {n} | {fmt_ms(c['prefill_ms']['p50'])}{'' if n == REFERENCE else _speed(c.get('prefill_speedup_vs_torch'))} "
+                       f"| {dec(d64)} | {dec(d256)} | {fmt_ms(c['step_ms']['p50'])} | {ceil} |")
+        for n, e in g["errors"].items():
+            out.append(f"| {n} | failed: {e[:80]} | | | | |")
+        out += ["", f"Runs per contender: {min((c['runs'] for c in g['contenders'].values()), default=0)}.", ""]
+    return out
+
+
+def _coldstart_md(cs: dict) -> list[str]:
+    mb = cs["model_bytes"]
+    out = ["## Cold start to the first result, peak RSS (separate processes)", "",
+           f"{cs['model']}, one short text; a fresh `python` per run, time from spawn to result, RSS = the "
+           f"process's ru_maxrss. Model files: fp32 {mb['fp32'] / 2**20:.0f} MiB, int8 {mb['int8'] / 2**20:.0f} MiB "
+           f"(page cache warm). Median of {cs['rounds']} run(s).", "",
+           "| contender | first result | fraction of transformers' | peak RSS |", "|---|---|---|---|"]
+    for n, c in cs["contenders"].items():
+        frac = f"1/{1 / c['fraction_of_transformers']:.1f}" if c.get("fraction_of_transformers") else "–"
+        out.append(f"| {n} | {c['first_result_s']:.2f} s ({c['min_s']:.2f}–{c['max_s']:.2f}) | {frac} | "
+                   f"{c['peak_rss_mib']:.0f} MiB |")
+    for n, e in cs["errors"].items():
+        out.append(f"| {n} | failed: {e[:80]} | | |")
+    return out + [""]
+
+
+def _size_md(size: dict) -> list[str]:
+    fresh = size.get("fresh_serve_venv", {})
+    heavy = size["closure_in_project_venv"]["transformers+torch"]
+    top = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in list(heavy["distributions"].items())[:4])
+    out = ["## Installed size", "",
+           f"- serve time (a fresh venv with `onnxpipe[cpu]` only, site-packages less pip/setuptools): "
+           f"**{size['serve_bytes'] / 1e6:.0f} MB**"
+           + (f" ({', '.join(fresh.get('packages', []))})" if fresh.get("packages") else f" ({fresh.get('error', '')})"),
+           f"- transformers + torch and their dependencies (as installed in .venv): **{heavy['bytes'] / 1e6:.0f} MB** "
+           f"(largest: {top})",
+           f"- ratio: **1/{1 / size['ratio']:.1f}**", ""]
+    return out
+
+
+def _fidelity_md(f: dict) -> list[str]:
+    out = ["## Fidelity: what int8 costs", ""]
+    defaults = [d for d in f.get("defaults", []) if d.get("evaluation")]
+    if defaults:
+        out += ["Real defaults, held-out scores as measured by their build (`onnxpipe models`):", "",
+                "| model | metric | fp32 | int8 | held-out |", "|---|---|---|---|---|"]
+        for d in defaults:
+            ev = d["evaluation"]
+            split = ev.get("split", {})
+            out.append(f"| {d['name']} | {ev['metric']} | {ev['scores']['fp32']:.4g} | {ev['scores']['int8']:.4g} | "
+                       f"{split.get('evaluated', '?')} |")
+        out.append("")
+    else:
+        out += ["Real defaults: none built with a held-out evaluation when this ran.", ""]
+    s = f.get("smollm2")
+    if s and "error" not in s:
+        out += [f"SmolLM2-135M on real English news ({s['source']}, articles {', '.join(s['article_ids'])}, drawn with "
+                f"seed {s['seed']}; first {s['tokens_per_article']} tokens of each):", "",
+                "| model | perplexity | vs onnxpipe fp32 | greedy tokens equal to fp32 | tokens before first difference |",
+                "|---|---|---|---|---|"]
+        agree = s["greedy"]["agreement_vs_fp32"]
+        for n, p in s["perplexity"].items():
+            a = agree.get(n)
+            out.append(f"| {n} | {p['ppl']:.2f} | {p['vs_onnxpipe_fp32']:+.2%} | "
+                       f"{'%.0f%%' % (100 * a['mean_fraction_equal']) if a else '–'} | "
+                       f"{', '.join(map(str, a['tokens_before_first_difference'])) if a else '–'} |")
+        out += ["", f"Greedy: {s['greedy']['prompt_tokens']}-token prompts, {s['greedy']['new_tokens']} new tokens.", ""]
+    elif s:
+        out += [f"SmolLM2 text fidelity failed: {s['error']}", ""]
+    return out
+
+
+# --- plot ----------------------------------------------------------------------------------------------------------
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    m = results["meta"]
+    fig.suptitle(f"onnxpipe vs transformers+torch vs Optimum — {m['cpu']}, {m['threads']} threads, "
+                 f"{m['started']} (load {_load(m['loadavg_start'])})", fontsize=10)
+    _plot_encoder(axes[0][0], results)
+    _plot_throughput(axes[0][1], results)
+    _plot_decode(axes[1][0], results)
+    _plot_coldstart(axes[1][1], results)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _colors(names):
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+
+def _plot_encoder(ax, results):
+    rows = [r for r in results.get("encoder", []) if r["arch"] == "bert" and r["task"] == "text-classification" and r["batch"] == 1]
+    width = _grouped_bars(ax, rows, lambda r, n: r["contenders"][n]["p50"], [f"len {r['length']}" for r in rows],
+                          "ms per call, p50 (log)", "BERT-base classification, batch 1 (dashed: fp32 compute floor)")
+    for j, r in enumerate(rows):
+        if r["floor_ms"]:
+            ax.hlines(r["floor_ms"], j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="--", linewidth=1)
+    if rows:
+        ax.set_yscale("log")
+
+
+def _plot_throughput(ax, results):
+    rows = [r for r in results.get("encoder", []) if r["batch"] > 1]
+    _grouped_bars(ax, rows, lambda r, n: r["contenders"][n]["items_per_s"],
+                  [f"{r['model']}\n{r['task']}" for r in rows], "items/s (batch 32, len 128)", "Throughput, batch 32")
+
+
+def _plot_decode(ax, results):
+    rows = results.get("generation", [])
+    _grouped_bars(ax, rows, lambda g, n: g["contenders"][n]["steps_per_s"] * g["batch"],
+                  [f"{g['model']}\nbatch {g['batch']}" for g in rows], "decode tokens/s (median step)", "Greedy decode")
+
+
+def _grouped_bars(ax, rows, value, labels, ylabel, title):
+    if not rows:
+        ax.set_axis_off()
+        return 0.0
+    names = list(dict.fromkeys(n for r in rows for n in r["contenders"]))
+    colors = _colors(names)
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        xs = [j + i * width for j, r in enumerate(rows) if n in r["contenders"]]
+        ax.bar(xs, [value(r, n) for r in rows if n in r["contenders"]], width, label=n, color=colors[n])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return width
+
+
+def _plot_coldstart(ax, results):
+    cs = (results.get("coldstart") or {}).get("contenders")
+    if not cs:
+        ax.set_axis_off()
+        return
+    names = list(cs)
+    ax.barh(names, [cs[n]["first_result_s"] for n in names], color="tab:blue")
+    for i, n in enumerate(names):
+        ax.text(cs[n]["first_result_s"], i, f" {cs[n]['first_result_s']:.2f} s, {cs[n]['peak_rss_mib']:.0f} MiB",
+                va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("seconds from process spawn to first result (peak RSS)")
+    ax.set_title("Cold start, BERT-base classification")
+
+
+# --- README ------------------------------------------------------------------------------------------------------
+
+README_MARKER = "<!-- section: bench (issue 7) -->"
+
+
+def update_readme(results: dict, readme: Path) -> bool:
+    """Replace the Benchmarks section's body (from its marker to the next `## ` heading) with this run's summary."""
+    text = readme.read_text()
+    start = text.find(README_MARKER)
+    if start < 0:
+        return False
+    body_start = start + len(README_MARKER)
+    nxt = text.find("\n## ", body_start)
+    end = nxt if nxt >= 0 else len(text)
+    readme.write_text(text[:body_start] + "\n\n" + readme_section(results).rstrip() + "\n" + text[end:])
+    return True
+
+
+def readme_section(results: dict) -> str:
+    m = results["meta"]
+    lines = [
+        "`make bench` (or `python -m bench`) runs everything (~25 min on 2 cores); `python -m bench encoder bert` "
+        "one case; `python -m bench --quick` a small sanity run. Every contender uses the same weights, the same "
+        "inputs and the same thread count (torch `set_num_threads`, ONNX Runtime `intra_op_num_threads`), runs "
+        "interleaved with the others call by call, and is compared with transformers + torch round by round. "
+        "Contenders: transformers pipeline on torch fp32 (and torch dynamic int8), Optimum `ORTModelFor*` on our "
+        "fp32 export, onnxpipe fp32 (plain and `--optimize` fused graphs) and int8. Models: BERT-base / "
+        "DistilBERT-base / GPT-2-small shapes with random weights (speed does not depend on the values) and the "
+        "real SmolLM2-135M. The machine's GEMM rate and memory bandwidth are measured in the same run and each "
+        "figure is also given against them. Full tables: [bench/results/latest.md](bench/results/latest.md); "
+        "raw figures: `bench/results/run-*.json`.",
+        "",
+        f"Latest full run: {m['started']}, {m['cpu']}, {m['threads']} threads, load average {_load(m['loadavg_start'])} "
+        f"at the start and {_load(m.get('loadavg_end'))} at the end (the 2 cores were shared with other jobs: "
+        "absolute times are noisy, the interleaved ratios much less so).",
+        "",
+        "![benchmark plot](bench/results/latest.png)",
+        "",
+    ]
+    if results.get("targets"):
+        lines += ["| target (issue 7) | measured | |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['figure']} | {'met' if t['pass'] else '**not met**'} |" for t in results["targets"]]
+        lines.append("")
+    cls = [r for r in results.get("encoder", []) if r["arch"] == "bert" and r["task"] == "text-classification"]
+    if cls:
+        lines += _encoder_md(cls)[4:]
+    smol = [g for g in results.get("generation", []) if g["key"] == "smollm2"]
+    if smol:
+        lines += _generation_md(smol)[4:]
+    return "\n".join(lines)
