@@ -68,6 +68,23 @@ class EncoderPipeline(Pipeline):
         return self.model.session().run(model_inputs)
 
 
+class ChunkPipeline(EncoderPipeline):
+    """transformers' ChunkPipeline: preprocess turns one input into a list of items (QA windows,
+    NER stride windows); batches cross input boundaries and postprocess gets one input's list."""
+
+    def run_inputs(self, inputs: list, batch_size, kwargs: dict) -> list:
+        """One result per input, for subclasses whose __call__ parses its own input forms."""
+        pre, fwd, post = self._merged_params(kwargs)
+        batch_size = self._batch_size if batch_size is None else check_batch_size(batch_size)
+        return self._run(inputs, batch_size, pre, fwd, post)
+
+    def _run(self, inputs: list, batch_size: int, pre, fwd, post) -> list:
+        chunks = [self.preprocess(x, **pre) for x in inputs]
+        outputs = run_chunked(chunks, batch_size, lambda feeds: self._forward(feeds, **fwd),
+                              pad=pad_values(self.tokenizer), padding_side=self.tokenizer.padding_side)
+        return [self.postprocess(out, **post) for out in outputs]
+
+
 def check_tokenizer_kwargs(kwargs: dict, owner: str) -> dict:
     """Keep the tokenizer options a pipeline forwards; anything else is a TypeError naming it."""
     unknown = sorted(set(kwargs) - set(TOKENIZER_KWARGS))
