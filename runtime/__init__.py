@@ -9,6 +9,7 @@ from .model_dir import ModelDir, read_manifest
 from .registry import SUPPORTED_TASKS, TASK_ALIASES, pipeline
 from .session import Session
 from .tokenizer import Tokenizer
+from .generation import TextIteratorStreamer, TextStreamer, top_k_top_p_filtering
 
 __version__ = "0.1.0"
-__all__ = ["AutoModel", "load", "ModelDir", "Session", "Tokenizer", "pipeline", "read_manifest", "SUPPORTED_TASKS", "TASK_ALIASES"]
+__all__ = ["top_k_top_p_filtering", "TextStreamer", "TextIteratorStreamer", "AutoModel", "load", "ModelDir", "Session", "Tokenizer", "pipeline", "read_manifest", "SUPPORTED_TASKS", "TASK_ALIASES"]

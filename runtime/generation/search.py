@@ -77,7 +77,7 @@ def beam_search(first_logits: np.ndarray, step: Callable, reorder: Callable, inp
 
         # c. top-K continuations over all beams
         if config.do_sample:
-            topk_indices = np.stack([_sample_without_replacement(softmax(row), beams_to_keep, rng) for row in log_probs])
+            topk_indices = _sample_without_replacement(softmax(log_probs), beams_to_keep, rng)
         else:
             topk_indices = _topk_indices(log_probs, beams_to_keep)
         topk_log_probs = np.take_along_axis(log_probs, topk_indices, axis=1)
@@ -155,9 +155,11 @@ def _multinomial(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum((cdf < draws[:, None]).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
 
 
-def _sample_without_replacement(p: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    p = p.astype(np.float64)
-    nonzero = int((p > 0).sum())
-    if nonzero < k:  # torch.multinomial refuses this too
-        raise ValueError(f"beam sampling needs at least {k} tokens with non-zero probability; raise top_k/top_p")
-    return rng.choice(p.shape[0], size=k, replace=False, p=p / p.sum())
+def _sample_without_replacement(probs: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k draws per row without replacement, as torch.multinomial does it: the top k of p / Exp(1).
+
+    Like torch, rows with fewer than k non-zero probabilities are filled with zero-probability ids
+    instead of failing (beam sampling reaches this when ForcedEOS leaves one token per beam).
+    """
+    keys = probs.astype(np.float64) / rng.exponential(size=probs.shape)
+    return np.argsort(-keys, axis=-1, kind="stable")[:, :k]
