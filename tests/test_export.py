@@ -141,12 +141,13 @@ def test_optimize_is_skipped_with_a_note_for_t5(tmp_path):
 def test_int8_fidelity_is_recorded_and_alternative_weight_type_works(tmp_path):
     m = _manifest(tiny_export("bert", "text-classification"))
     q = m["quantization"]["int8"]
-    assert q["weight_type"] == "QUInt8" and q["method"].startswith("dynamic")
+    assert q["weight_type"] == "QInt8" and q["per_channel"] is True and q["method"].startswith("dynamic")
     f = q["fidelity"]["model"]["logits"]
     assert 0 < f["max_abs_diff"] < 0.1 and 0.0 <= f["top1_agreement"] <= 1.0
     out = export_model(tiny_checkpoint("bert", "text-classification"), tmp_path / "q", "text-classification",
-                       quantize="int8", weight_type="qint8", per_channel=True)
-    assert _manifest(out)["quantization"]["int8"]["weight_type"] == "QInt8"
+                       quantize="int8", weight_type="quint8", per_channel=False)
+    assert _manifest(out)["quantization"]["int8"]["weight_type"] == "QUInt8"
+    assert _manifest(out)["quantization"]["int8"]["per_channel"] is False
     int8 = _session(out / "model.int8.onnx")
     ops = {n.op_type for n in __import__("onnx").load(str(out / "model.int8.onnx")).graph.node}
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
