@@ -187,6 +187,13 @@ def _sentence_embedding(task, hf_dir: Path):
                             break
         except (OSError, ValueError, KeyError):
             pass
+    st_config = hf_dir / "sentence_bert_config.json"
+    if st_config.exists():
+        try:
+            # sentence-transformers cuts at its own max_seq_length (256 for MiniLM), below the model's 512
+            info["max_seq_length"] = int(json.loads(st_config.read_text())["max_seq_length"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     return info
 
 

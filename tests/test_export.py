@@ -305,7 +305,8 @@ def test_minilm_exports_for_feature_extraction_and_validates():
         export_model(ckpt, out, "feature-extraction", quantize="int8")
     m = _manifest(out)
     assert m["validation"]["passed"] and m["architecture"] == "BertModel"
-    assert m["sentence_embedding"] == {"pooling": "mean", "normalize": True, "source": "sentence-transformers modules.json"}
+    assert m["sentence_embedding"] == {"pooling": "mean", "normalize": True, "source": "sentence-transformers modules.json",
+                                       "max_seq_length": 256}
     # mean-pooled sentence embeddings of the int8 model against torch fp32 (dynamic int8 loses a little on MiniLM)
     assert m["quantization"]["int8"]["fidelity"]["model"]["last_hidden_state"]["sentence_min_cosine"] > 0.95
 
