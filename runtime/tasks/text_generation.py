@@ -62,9 +62,10 @@ class TextGenerationPipeline(Pipeline):
             if isinstance(text_inputs[0], dict):
                 return self.run_single(Chat(text_inputs), pre, fwd, post)
             if isinstance(text_inputs[0], (list, tuple)):
-                return [self.run_single(Chat(chat), pre, fwd, post) for chat in text_inputs]
-            return [self.run_single(_check_prompt(x, f"text_inputs[{i}]"), pre, fwd, post)
-                    for i, x in enumerate(text_inputs)]
+                chats = [Chat(chat) for chat in text_inputs]
+                return [self.run_single(chat, pre, fwd, post) for chat in chats]
+            prompts = [_check_prompt(x, f"text_inputs[{i}]") for i, x in enumerate(text_inputs)]
+            return [self.run_single(prompt, pre, fwd, post) for prompt in prompts]
         return self.run_single(_check_prompt(text_inputs, "text_inputs"), pre, fwd, post)
 
     def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
@@ -159,6 +160,8 @@ class TextGenerationPipeline(Pipeline):
             add_special_tokens = False  # apply_chat_template tokenizes the rendered text without special tokens
         else:
             text = prefix + prompt_text
+        if max_length is not None and truncation is None:
+            truncation = True  # transformers' tokenizer truncates whenever max_length is given
         enc = self.tokenizer.encode_batch([text], add_special_tokens=True if add_special_tokens is None else add_special_tokens,
                                           truncation=truncation or False, max_length=max_length)[0]
         input_ids = np.array([enc.ids], dtype=np.int64)
