@@ -44,7 +44,8 @@ class Text2TextGenerationPipeline(Pipeline):
         if isinstance(inputs, (list, tuple)):
             if not inputs:
                 raise ValueError(f"{self.task}: inputs is an empty list: pass a string or a non-empty list of strings")
-            results = [self.run_single(_check_text(x, f"inputs[{i}]"), pre, fwd, post) for i, x in enumerate(inputs)]
+            texts = [_check_text(x, f"inputs[{i}]") for i, x in enumerate(inputs)]
+            results = [self.run_single(text, pre, fwd, post) for text in texts]
             return [r[0] for r in results] if all(len(r) == 1 for r in results) else results
         return self.run_single(_check_text(inputs, "inputs"), pre, fwd, post)
 
