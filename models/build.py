@@ -72,7 +72,8 @@ def _finetune_text_classification(model, source_dirs, work, out, log):
     if any(got != want for got, want in zip(checks.values(), SENTIMENT_CHECKS.values())):
         log(f"WARNING: the classifier gets {checks} (expected {SENTIMENT_CHECKS})")
     return {"metric": "accuracy", "scores": scores, "checks": checks,
-            "dataset": f"Rotten Tomatoes sentences from {_pkg(model, 'data')}", **_split_info(sp, heldout, recipe["data"])}
+            "dataset": f"Rotten Tomatoes sentences from {_pkg(model, 'data')}",
+            **_split_info(sp, heldout, recipe["data"], _trained_on(sp, recipe))}
 
 
 def _finetune_token_classification(model, source_dirs, work, out, log):
@@ -90,7 +91,8 @@ def _finetune_token_classification(model, source_dirs, work, out, log):
     return {"metric": "entity_f1", "scores": {p: d["f1"] for p, d in details.items()}, "details": details,
             "how": "micro-averaged exact-span entity F1 (seqeval default mode); each word takes the tag of its "
                    "first sub-token",
-            "dataset": f"WNUT-16 train tweets from {_pkg(model, 'data')}", **_split_info(sp, heldout, recipe["data"])}
+            "dataset": f"WNUT-16 train tweets from {_pkg(model, 'data')}",
+            **_split_info(sp, heldout, recipe["data"], _trained_on(sp, recipe))}
 
 
 def _export_only(model, source_dirs, work, out, log):
@@ -205,9 +207,13 @@ def _limited(items: list, recipe: dict) -> list:
     return items[:limit] if limit else items
 
 
-def _split_info(sp: data.Split, evaluated: list, spec: dict) -> dict:
-    return {"split": {"seed": spec["split_seed"], "train": len(sp.train), "heldout": len(sp.heldout),
-                      "evaluated": len(evaluated), "heldout_digest": sp.heldout_digest,
+def _trained_on(sp: data.Split, recipe: dict) -> int:
+    return len(sp.train[: recipe["train"].get("train_limit") or None])
+
+
+def _split_info(sp: data.Split, evaluated: list, spec: dict, trained_on: int | None = None) -> dict:
+    return {"split": {"seed": spec["split_seed"], "train": len(sp.train), "trained_on": trained_on,
+                      "heldout": len(sp.heldout), "evaluated": len(evaluated), "heldout_digest": sp.heldout_digest,
                       "how": f"random.Random({spec['split_seed']}).shuffle of the items in file order; the first "
                              f"{len(sp.heldout)} are held out and never trained on"}}
 

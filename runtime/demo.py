@@ -63,7 +63,14 @@ def _build_defaults() -> None:
 def _pipeline(task, args, **kwargs):
     from onnxpipe import pipeline
 
-    return pipeline(task, precision=args.precision, **kwargs)
+    return pipeline(task, model=_model(task, args), precision=args.precision, **kwargs)
+
+
+def _model(task, args):
+    """None (the default, built on first use) or, with --no-build, the already built default folder."""
+    from onnxpipe.models import default_model_dir
+
+    return default_model_dir(task, build=False) if args.no_build else default_model_dir(task)
 
 
 def sentiment(args) -> None:
@@ -120,9 +127,8 @@ def next_token(args) -> None:
     """The seed's top_k_top_p_filtering example: one sampled next token after the prompt."""
     from onnxpipe import ModelDir
     from onnxpipe.generation import DecoderStepper, softmax, top_k_top_p_filtering
-    from onnxpipe.models import default_model_dir
 
-    model = ModelDir(default_model_dir("text-generation"), precision=args.precision)
+    model = ModelDir(_model("text-generation", args), precision=args.precision)
     inputs = model.tokenizer([DUMBO])
     input_ids = inputs["input_ids"]
     next_token_logits = DecoderStepper(model.session(), model.manifest["kv_cache"]).prefill(
