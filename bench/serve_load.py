@@ -3,16 +3,18 @@
     python -m bench.serve_load                      # BERT-small classifier, 1/8/32 clients
     python -m bench.serve_load --model DIR --requests 400 --time-limit 60
 
-Bounded: each (batching, clients) run sends a fixed number of requests and stops early at a
-time limit. The server runs as its own process (`python -m onnxpipe.cli serve`, the same command
-users run) on 127.0.0.1; the clients are asyncio + httpx in this process, one connection each,
-every client sending its next request as soon as its previous answer arrives (closed loop).
+Bounded: each run sends a fixed number of requests and stops early at a time limit; each
+(batching, clients) pair is run --repeats times, alternating with the other mode. The server runs as its own process (`python -m onnxpipe.cli serve`, the same command
+users run) on 127.0.0.1; the clients are asyncio coroutines in this process, one keep-alive
+connection each (h11), every client sending its next request as soon as its previous answer
+arrives (closed loop). Client and server share the machine's cores.
 Writes bench/results/serve_load.json and bench/results/serve_load.md.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -30,14 +32,15 @@ LOOPBACK = "127.0.0.1"
 # BERT-small (Turc et al.'s L-4 H-256 A-4): an edge-sized classifier, random weights (speed does not
 # depend on their values) with the tiny checkpoints' trained WordPiece tokenizer.
 SMALL_BERT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
-MODES = {"on": ["--max-batch-size", "32", "--max-wait-ms", "5"], "off": ["--max-batch-size", "1", "--max-wait-ms", "0"]}
+MODES = {"on": ["--max-batch-size", "8", "--max-wait-ms", "5"], "off": ["--max-batch-size", "1", "--max-wait-ms", "0"]}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model folder (default: a BERT-small text classifier, built once)")
     ap.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")
-    ap.add_argument("--requests", type=int, default=600, help="requests per run (fixed count)")
+    ap.add_argument("--requests", type=int, default=200, help="requests per run (fixed count)")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per (batching, clients), on and off alternating")
     ap.add_argument("--time-limit", type=float, default=60.0, help="seconds per run at most")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads in the server")
     ap.add_argument("--out", default=str(RESULTS / "serve_load"), help="path prefix of the .json and .md written")
@@ -45,23 +48,32 @@ def main(argv=None) -> int:
     model = Path(args.model) if args.model else small_bert()
     clients = [int(c) for c in args.clients.split(",")]
     texts = sentences()
+    extra = ["--threads", str(args.threads)] if args.threads else []
     load_before = os.getloadavg()
     runs = []
-    for mode, flags in MODES.items():
-        extra = ["--threads", str(args.threads)] if args.threads else []
-        with Server(model, [*flags, *extra, "--max-queue", "1024"]) as srv:
+    # Both servers run side by side and their runs alternate, so that a busy spell on this shared
+    # machine falls on both modes alike; an idle server costs nothing (its ORT threads sleep).
+    with contextlib.ExitStack() as stack:
+        servers = {mode: stack.enter_context(Server(model, [*flags, *extra, "--max-queue", "1024"]))
+                   for mode, flags in MODES.items()}
+        for srv in servers.values():
             asyncio.run(load(srv.url, texts, concurrency=4, requests=40, time_limit=30))  # warm-up, not counted
-            for c in clients:
-                stats = asyncio.run(load(srv.url, texts, concurrency=c, requests=args.requests,
-                                         time_limit=args.time_limit))
-                stats.update(batching=mode, clients=c, server_flags=flags + extra)
+        for c in clients:
+            samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
+            for rep in range(args.repeats):
+                for mode in (list(MODES) if rep % 2 == 0 else list(MODES)[::-1]):
+                    samples[mode].append(asyncio.run(load(servers[mode].url, texts, concurrency=c,
+                                                          requests=args.requests, time_limit=args.time_limit)))
+            for mode in MODES:
+                stats = summarize(samples[mode])
+                stats.update(batching=mode, clients=c, server_flags=MODES[mode] + extra)
                 runs.append(stats)
                 print(f"batching {mode:3} clients {c:2}: {stats['throughput_rps']:7.1f} req/s  "
                       f"p50 {stats['p50_ms']:6.1f} ms  p99 {stats['p99_ms']:6.1f} ms  "
-                      f"({stats['completed']}/{args.requests} in {stats['seconds']:.1f} s, "
-                      f"mean batch {stats['mean_batch']:.1f})", flush=True)
+                      f"({stats['completed']} requests in {stats['seconds']:.1f} s, mean batch "
+                      f"{stats['mean_batch']:.1f})", flush=True)
     report = {"model": str(model), "machine": machine(load_before, os.getloadavg()), "runs": runs,
-              "requests_per_run": args.requests, "time_limit_s": args.time_limit}
+              "requests_per_run": args.requests, "repeats": args.repeats, "time_limit_s": args.time_limit}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -72,36 +84,93 @@ def main(argv=None) -> int:
 
 async def load(url: str, texts: list[str], *, concurrency: int, requests: int, time_limit: float) -> dict:
     """Closed loop: `concurrency` clients share `requests` requests; stop issuing at `time_limit`."""
-    import httpx
-
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     issued = 0
+    bodies = [json.dumps({"inputs": t}).encode() for t in texts]
     before = await _batch_counts(url)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        start = time.perf_counter()
-        deadline = start + time_limit
+    host, port = url.split("//")[1].split(":")
+    clients = [await Connection.open(host, int(port)) for _ in range(concurrency)]
+    start = time.perf_counter()
+    deadline = start + time_limit
 
-        async def one_client():
-            nonlocal issued
-            while issued < requests and time.perf_counter() < deadline:
-                text = texts[issued % len(texts)]
-                issued += 1
-                t0 = time.perf_counter()
-                r = await client.post("/v1/models/bench", json={"inputs": text})
-                latencies.append(time.perf_counter() - t0)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    async def one_client(conn):
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            body = bodies[issued % len(bodies)]
+            issued += 1
+            t0 = time.perf_counter()
+            status = await conn.post("/v1/models/bench", body)
+            latencies.append(time.perf_counter() - t0)
+            statuses[status] = statuses.get(status, 0) + 1
 
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(one_client(c) for c in clients))
         seconds = time.perf_counter() - start
+    finally:
+        for c in clients:
+            c.close()
     after = await _batch_counts(url)
-    latencies.sort()
-    batches = after[0] - before[0]
-    return {"completed": len(latencies), "seconds": round(seconds, 3), "statuses": statuses,
-            "throughput_rps": round(len(latencies) / seconds, 2),
+    return {"latencies": latencies, "seconds": seconds, "statuses": statuses,
+            "batches": after[0] - before[0], "inputs": after[1] - before[1]}
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Median throughput over the runs; latency quantiles over all their requests pooled."""
+    latencies = sorted(x for s in samples for x in s["latencies"])
+    rates = sorted(len(s["latencies"]) / s["seconds"] for s in samples)
+    statuses: dict[str, int] = {}
+    for s in samples:
+        for code, n in s["statuses"].items():
+            statuses[str(code)] = statuses.get(str(code), 0) + n
+    batches = sum(s["batches"] for s in samples)
+    return {"completed": len(latencies), "seconds": round(sum(s["seconds"] for s in samples), 3),
+            "statuses": statuses, "throughput_rps": round(rates[len(rates) // 2], 2),
+            "throughput_rps_runs": [round(r, 2) for r in rates],
             "p50_ms": round(1000 * _quantile(latencies, 0.50), 2), "p99_ms": round(1000 * _quantile(latencies, 0.99), 2),
-            "mean_batch": round((after[1] - before[1]) / batches, 2) if batches else 0.0}
+            "mean_batch": round(sum(s["inputs"] for s in samples) / batches, 2) if batches else 0.0}
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection speaking through h11 (the protocol library under httpx).
+
+    httpx itself cost the client more CPU per request than the server spent answering it, and
+    client and server share this machine's cores: the load generator must stay light.
+    """
+
+    def __init__(self, reader, writer, host: str):
+        import h11
+
+        self.h11 = h11
+        self.reader, self.writer, self.host = reader, writer, host
+        self.conn = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> "Connection":
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, host)
+
+    async def post(self, path: str, body: bytes) -> int:
+        h11 = self.h11
+        headers = [("Host", self.host), ("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        self.writer.write(self.conn.send(h11.Request(method="POST", target=path, headers=headers))
+                          + self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage()))
+        status = 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                self.conn.receive_data(data)
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                self.conn.start_next_cycle()
+                return status
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 async def _batch_counts(url: str) -> tuple[float, float]:
@@ -192,12 +261,15 @@ def machine(load_before, load_after) -> dict:
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"Model: `{Path(report['model']).name}`; {m['cpus']} CPUs; 1-min load average "
-             f"{m['loadavg_1m_before']} before, {m['loadavg_1m_after']} after; up to {report['requests_per_run']} "
-             f"requests per run, {report['time_limit_s']:g} s at most.", "",
-             "| clients | batching | throughput (req/s) | p50 (ms) | p99 (ms) | mean batch | completed |",
-             "|---:|:---|---:|---:|---:|---:|---:|"]
+             f"{m['loadavg_1m_before']} before, {m['loadavg_1m_after']} after; {report['repeats']} runs of "
+             f"{report['requests_per_run']} requests per row (on and off alternating), "
+             f"{report['time_limit_s']:g} s at most each; throughput is the median run.", "",
+             "| clients | batching | throughput (req/s) | on / off | p50 (ms) | p99 (ms) | mean batch | requests |",
+             "|---:|:---|---:|---:|---:|---:|---:|---:|"]
+    off = {r["clients"]: r["throughput_rps"] for r in report["runs"] if r["batching"] == "off"}
     for r in sorted(report["runs"], key=lambda r: (r["clients"], r["batching"] != "off")):
-        lines.append(f"| {r['clients']} | {r['batching']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
+        ratio = f"{r['throughput_rps'] / off[r['clients']]:.2f}x" if r["batching"] == "on" and off.get(r["clients"]) else ""
+        lines.append(f"| {r['clients']} | {r['batching']} | {r['throughput_rps']:.1f} | {ratio} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['completed']} |")
     return "\n".join(lines) + "\n"
 

@@ -233,3 +233,22 @@ def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path):
                           str(free_port())], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "has no onnxpipe.json" in out.stderr
+
+
+BUCKET_CASES = {
+    "equal lengths share one group": ([10, 10, 10, 10], [[0, 1, 2, 3]]),
+    "a long outlier runs apart": ([10, 40, 11, 12], [[0, 2, 3], [1]]),
+    "sorted by length within a group": ([12, 10, 11], [[1, 2, 0]]),
+    "unknown lengths keep one group in order": ([10, None, 40], [[0, 1, 2]]),
+}
+
+
+@pytest.mark.parametrize("lengths, groups", list(BUCKET_CASES.values()), ids=list(BUCKET_CASES))
+def test_length_buckets_keep_padding_small(lengths, groups):
+    from onnxpipe.server.batching import length_buckets
+
+    assert length_buckets(lengths) == groups
+    for group in groups:
+        if None not in lengths:
+            real = sum(lengths[i] for i in group)
+            assert len(group) * max(lengths[i] for i in group) <= 1.25 * real

@@ -2,8 +2,9 @@
 
 Requests wait in a bounded queue (full -> `QueueFull`, answered 503). A worker thread takes
 the oldest request, then gathers later ones with the same parameters until the batch holds
-`max_batch_size` inputs or `max_wait_ms` has passed, and runs them as one list call,
-`pipe([...], batch_size=n, **parameters)`. Results go back to the event loop as encoded JSON,
+`max_batch_size` inputs or `max_wait_ms` has passed (waiting only if others were already
+queued), and runs them as list calls, `pipe([...], batch_size=n, **parameters)`, one per group
+of similar input lengths. Results go back to the event loop as encoded JSON,
 so the loop never blocks on inference or on serialising a large result. A request that timed
 out or whose client went away is marked cancelled and skipped if it has not started.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import RequestError
-from .inputs import PADDING_SHOWS_TASKS, ParsedInputs, answer_for
+from .inputs import PADDING_SHOWS_TASKS, ParsedInputs, answer_for, item_results
 
 log = logging.getLogger("onnxpipe.server")
 
@@ -158,7 +159,10 @@ class ModelWorker:
             batch, size = [first], first.size
             if first.stream or not self.combines:
                 return batch
-            deadline = time.monotonic() + self.max_wait
+            # Wait for more only when requests are already queued behind this one: a request that
+            # finds the worker idle runs at once (one client pays no batching delay), while under
+            # load batches fill from the queue that builds up during each run.
+            deadline = time.monotonic() + (self.max_wait if self._queue else 0.0)
             while size < self.max_batch_size:
                 for job in list(self._queue):
                     if job.cancelled:
@@ -183,8 +187,14 @@ class ModelWorker:
             self._run_alone(batch[0])
             return
         flat = [item for job in batch for item in job.parsed.items]
+        lengths = [n for job in batch for n in (job.parsed.lengths or [None] * job.size)]
+        results: list = [None] * len(flat)
         try:
-            results = self.pipe(flat, **batch[0].parameters, **self._batch_kw(len(flat)))
+            for chunk in length_buckets(lengths):
+                items = [flat[i] for i in chunk]
+                out = self.pipe(items, **batch[0].parameters, **self._batch_kw(len(items)))
+                for i, result in zip(chunk, item_results(self.task, out, len(items))):
+                    results[i] = result
         except (ValueError, TypeError):
             # One bad input must not fail its neighbours: rerun each alone to answer each truly.
             for job in batch:
@@ -236,6 +246,28 @@ class ModelWorker:
         if not self.combines or n < 2:
             return {}
         return {"batch_size": min(n, self.max_batch_size)}
+
+
+def length_buckets(lengths: list, pad_budget: float = 0.25) -> list[list[int]]:
+    """Indices grouped for padded runs: sorted by token length, a new group started whenever padding
+    would add more than `pad_budget` of the group's real tokens. Unknown lengths: one group, as given.
+
+    Padding every input to the longest of a mixed batch can cost more than batching saves; inputs
+    of similar length batch almost for free.
+    """
+    if any(n is None for n in lengths):
+        return [list(range(len(lengths)))]
+    groups: list[list[int]] = []
+    group, tokens = [], 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if group and (len(group) + 1) * n > (1 + pad_budget) * (tokens + n):
+            groups.append(group)
+            group, tokens = [], 0
+        group.append(i)
+        tokens += n
+    groups.append(group)
+    return groups
 
 
 @dataclass

@@ -29,6 +29,7 @@ PADDING_SHOWS_TASKS = ("feature-extraction",)
 class ParsedInputs:
     items: list           # one entry per pipeline input
     is_list: bool         # the request sent a list (a batch) rather than one input
+    lengths: list | None = None   # tokens per item, where measured (for grouping similar lengths)
 
     @property
     def value(self):
@@ -94,6 +95,13 @@ def answer_for(task: str, parameters: dict, parsed: ParsedInputs, results: list)
     if task in TEXT2TEXT_TASKS and isinstance(result, dict):
         return [result]
     return result
+
+
+def item_results(task: str, output, n: int) -> list:
+    """One result per input from `pipe(list_of_n_inputs)`, undoing the one-item-list unwrapping."""
+    if n == 1 and task in _UNWRAP_ONE_ITEM_LIST:
+        return [output]
+    return list(output)
 
 
 def length_limit(manifest: dict) -> int | None:

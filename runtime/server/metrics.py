@@ -60,7 +60,7 @@ class Metrics:
             lines += ["# HELP onnxpipe_request_duration_seconds Time from request received to answer, successful "
                       "requests.", "# TYPE onnxpipe_request_duration_seconds histogram"]
             lines += self._latency.render("onnxpipe_request_duration_seconds")
-            lines += ["# HELP onnxpipe_batch_size Inputs run together in one pipeline call.",
+            lines += ["# HELP onnxpipe_batch_size Inputs gathered into one batch (run in groups of similar length).",
                       "# TYPE onnxpipe_batch_size histogram"]
             lines += self._batch_size.render("onnxpipe_batch_size")
             lines += ["# HELP onnxpipe_queue_depth Requests waiting for a worker, by model.",
