@@ -62,8 +62,11 @@ def main(argv=None) -> int:
             samples: dict[str, list[dict]] = {mode: [] for mode in MODES}
             for rep in range(args.repeats):
                 for mode in (list(MODES) if rep % 2 == 0 else list(MODES)[::-1]):
-                    samples[mode].append(asyncio.run(load(servers[mode].url, texts, concurrency=c,
-                                                          requests=args.requests, time_limit=args.time_limit)))
+                    cpu0 = servers[mode].cpu_seconds()
+                    sample = asyncio.run(load(servers[mode].url, texts, concurrency=c, requests=args.requests,
+                                              time_limit=args.time_limit))
+                    sample["server_cpu_s"] = servers[mode].cpu_seconds() - cpu0
+                    samples[mode].append(sample)
             for mode in MODES:
                 stats = summarize(samples[mode])
                 stats.update(batching=mode, clients=c, server_flags=MODES[mode] + extra)
@@ -124,7 +127,10 @@ def summarize(samples: list[dict]) -> dict:
         for code, n in s["statuses"].items():
             statuses[str(code)] = statuses.get(str(code), 0) + n
     batches = sum(s["batches"] for s in samples)
-    return {"completed": len(latencies), "seconds": round(sum(s["seconds"] for s in samples), 3),
+    # CPU time the server spent per request: unlike req/s, it barely depends on how much of the
+    # machine other processes took during the run.
+    cpu_ms = 1000 * sum(s["server_cpu_s"] for s in samples) / max(1, len(latencies))
+    return {"server_cpu_ms_per_request": round(cpu_ms, 3),"completed": len(latencies), "seconds": round(sum(s["seconds"] for s in samples), 3),
             "statuses": statuses, "throughput_rps": round(rates[len(rates) // 2], 2),
             "throughput_rps_runs": [round(r, 2) for r in rates],
             "p50_ms": round(1000 * _quantile(latencies, 0.50), 2), "p99_ms": round(1000 * _quantile(latencies, 0.99), 2),
@@ -221,6 +227,13 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError(f"server not ready in 120 s; see {self.log.name}")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process, all its threads."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def __exit__(self, *exc):
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -264,12 +277,16 @@ def markdown(report: dict) -> str:
              f"{m['loadavg_1m_before']} before, {m['loadavg_1m_after']} after; {report['repeats']} runs of "
              f"{report['requests_per_run']} requests per row (on and off alternating), "
              f"{report['time_limit_s']:g} s at most each; throughput is the median run.", "",
-             "| clients | batching | throughput (req/s) | on / off | p50 (ms) | p99 (ms) | mean batch | requests |",
-             "|---:|:---|---:|---:|---:|---:|---:|---:|"]
+             "| clients | batching | throughput (req/s) | runs (req/s) | on / off | server CPU per request (ms) | "
+             "p50 (ms) | p99 (ms) | mean batch | requests |",
+             "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     off = {r["clients"]: r["throughput_rps"] for r in report["runs"] if r["batching"] == "off"}
     for r in sorted(report["runs"], key=lambda r: (r["clients"], r["batching"] != "off")):
         ratio = f"{r['throughput_rps'] / off[r['clients']]:.2f}x" if r["batching"] == "on" and off.get(r["clients"]) else ""
-        lines.append(f"| {r['clients']} | {r['batching']} | {r['throughput_rps']:.1f} | {ratio} | {r['p50_ms']:.1f} | "
+        spread = f"{min(r['throughput_rps_runs']):.0f}-{max(r['throughput_rps_runs']):.0f}"
+        cpu = r.get("server_cpu_ms_per_request")
+        lines.append(f"| {r['clients']} | {r['batching']} | {r['throughput_rps']:.1f} | {spread} | {ratio} | "
+                     f"{'' if cpu is None else f'{cpu:.2f}'} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['completed']} |")
     return "\n".join(lines) + "\n"
 

@@ -66,9 +66,9 @@ def test_overload_gets_503_with_retry_after_then_recovers(clf_dir, tmp_path):
             assert httpx.post(url, json={"inputs": f"calm {i}"}, timeout=30).status_code == 200
         text = srv.metrics()
         assert metric(text, "onnxpipe_queue_depth", model="sst") == 0
-        assert metric(text, "onnxpipe_requests_total", model="sst", endpoint="/v1/models/sst", status="503") \
+        assert metric(text, "onnxpipe_requests_total", model="sst", endpoint="/v1/models/{name}", status="503") \
             == statuses.count(503)
-        assert metric(text, "onnxpipe_requests_total", model="sst", endpoint="/v1/models/sst", status="200") \
+        assert metric(text, "onnxpipe_requests_total", model="sst", endpoint="/v1/models/{name}", status="200") \
             == statuses.count(200) + 5
     finally:
         assert srv.stop() in GRACEFUL_EXIT, srv.log()
@@ -160,7 +160,7 @@ def test_client_gone_while_queued_is_dropped_and_server_keeps_serving(t2t_dir, t
         assert httpx.post(url, json={"inputs": "patient"}, timeout=60).status_code == 200
         text = srv.metrics()
         # 499 (nginx's "client closed request") counts requests dropped unanswered; none of them ran.
-        assert metric(text, "onnxpipe_requests_total", model="t2t", endpoint="/v1/models/t2t", status="499") == 5
+        assert metric(text, "onnxpipe_requests_total", model="t2t", endpoint="/v1/models/{name}", status="499") == 5
         assert metric(text, "onnxpipe_batch_size_count", model="t2t") == 2
     finally:
         assert srv.stop() in GRACEFUL_EXIT, srv.log()

@@ -41,8 +41,8 @@ log = logging.getLogger("onnxpipe.server")
 
 
 # The worker threads give up the GIL for every tokenizer and ONNX Runtime call and must take it
-# back from the event loop; at Python's default 5 ms interval a busy loop makes each of those
-# returns wait up to 5 ms, which cost batched requests half the server's throughput.
+# back from the event loop; at Python's default 5 ms interval, while the loop is busy parsing
+# requests, each of those returns can wait up to 5 ms (a batch makes dozens of them).
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -246,8 +246,8 @@ class _State:
                 "chat": name in self.chat_models()}
 
     async def predict(self, request: Request):
-        name = request.path_params["name"]
-        return await self._handle(request, f"/v1/models/{name}", name, self._predict)
+        # The route template, not the path: unknown names must not grow the metrics without bound.
+        return await self._handle(request, "/v1/models/{name}", request.path_params["name"], self._predict)
 
     async def chat_completions(self, request: Request):
         from .chat import chat_completion
