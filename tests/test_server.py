@@ -220,6 +220,35 @@ def test_bad_request_gets_a_clear_4xx_and_the_server_keeps_serving(server, clf, 
     assert ok.status_code == 200 and ok.json() == roundtrip(clf("still there?"))
 
 
+def test_oversized_body_sent_in_chunks_gets_413(server):
+    # No Content-Length to refuse up front: the server counts the bytes as they arrive.
+    def chunks():
+        yield b'{"inputs": "'
+        for _ in range(100):
+            yield b"word " * 200
+        yield b'"}'
+
+    r = httpx.post(f"{server.url}/v1/models/sst", content=chunks(), timeout=30)
+    assert r.status_code == 413 and "over 65536 bytes" in r.json()["error"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_two_worker_threads_answer_every_request_like_the_pipeline(clf_dir, clf, tmp_path):
+    srv = ServerProcess([f"sst={clf_dir}"], tmp_path, "--workers", "2", "--max-batch-size", "4")
+    try:
+        texts = [f"request {i}: " + "good " * (i % 7) + "bad " * (i % 5) for i in range(48)]
+
+        async def send_all():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/models/sst", json={"inputs": t}) for t in texts))
+
+        for text, r in zip(texts, asyncio.run(send_all())):
+            assert r.status_code == 200, r.text
+            assert_results_close(r.json(), roundtrip(clf(text)), atol=1e-5, where=text)
+    finally:
+        assert srv.stop() in GRACEFUL_EXIT, srv.log()
+
+
 def test_unknown_model_and_wrong_method_get_404_and_405(server):
     r = httpx.post(f"{server.url}/v1/models/nope", json={"inputs": "a"})
     assert r.status_code == 404 and "no model named 'nope'" in r.json()["error"] and "sst" in r.json()["error"]

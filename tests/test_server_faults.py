@@ -188,6 +188,17 @@ def test_shutdown_finishes_in_flight_requests_and_refuses_new_ones(t2t_dir, tmp_
     assert "Application shutdown complete" in srv.log()
 
 
+def test_request_past_its_timeout_gets_504_and_the_server_keeps_serving(t2t_dir, clf_dir, tmp_path):
+    srv = ServerProcess([f"t2t={t2t_dir}", f"sst={clf_dir}"], tmp_path, "--timeout", "0.5")
+    try:
+        r = httpx.post(f"{srv.url}/v1/models/t2t", timeout=60,
+                       json={"inputs": "hello", "parameters": {"max_new_tokens": 2000, "min_new_tokens": 2000}})
+        assert r.status_code == 504 and "did not answer within 0.5 s" in r.json()["error"]
+        assert httpx.post(f"{srv.url}/v1/models/sst", json={"inputs": "fine"}, timeout=30).status_code == 200
+    finally:
+        assert srv.stop() in GRACEFUL_EXIT, srv.log()
+
+
 def test_memory_stays_flat_over_thousands_of_requests(clf_dir, tmp_path):
     srv = ServerProcess([f"sst={clf_dir}"], tmp_path, "--max-batch-size", "8", "--max-wait-ms", "2")
     try:

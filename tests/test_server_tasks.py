@@ -169,6 +169,8 @@ CHAT_ERRORS = {
     "bad message": ({"model": "chat", "messages": [{"role": "user"}]}, 422, "wrong type"),
     "unsupported field": ({"model": "chat", "messages": CHAT, "tools": []}, 422, "unsupported field(s) tools"),
     "negative temperature": ({"model": "chat", "messages": CHAT, "temperature": -1}, 422, "temperature"),
+    "chat longer than the model": ({"model": "chat", "messages": [{"role": "user", "content": "word " * 400}]},
+                                   422, "tokens"),
 }
 
 

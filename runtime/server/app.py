@@ -59,6 +59,21 @@ class ServerConfig:
     intra_op_num_threads: int | None = None
     retry_after_s: int = 1
 
+    def __post_init__(self):
+        for name in ("max_batch_size", "workers", "max_queue", "max_body_bytes", "retry_after_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_wait_ms", "request_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                    (name == "request_timeout_s" and value == 0):
+                raise ValueError(f"{name} must be a {'positive' if name == 'request_timeout_s' else 'non-negative'} "
+                                 f"number, got {value!r}")
+        if self.intra_op_num_threads is not None and (not isinstance(self.intra_op_num_threads, int)
+                                                      or self.intra_op_num_threads < 1):
+            raise ValueError(f"intra_op_num_threads must be a positive integer or None, got {self.intra_op_num_threads!r}")
+
 
 def serve(models, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, max_wait_ms: float = 5.0,
           workers: int = 1, *, access_log: bool = False, graceful_timeout_s: float | None = None, **options) -> None:
