@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from .config import GenerationConfig, model_generation_config, validate
+from .config import GLOBAL_DEFAULTS, GenerationConfig, model_generation_config, pipeline_generation_config, validate
 from .kv_cache import DecoderStepper, Seq2SeqStepper
 from .logits_process import build_logits_processor
 from .search import beam_search, sample_search
@@ -31,6 +31,24 @@ class Generator:
         self.max_positions = self.manifest.get("max_positions")
         #: per-run input_ids lengths of the last generate() call: [prompt_len, 1, 1, ...] with the KV cache
         self.step_input_lengths: list[int] = []
+
+    @classmethod
+    def for_pipeline(cls, model, pipeline_defaults: dict) -> tuple["Generator", GenerationConfig]:
+        """The generator and the config a transformers pipeline builds in __init__ (its defaults under the model's,
+        and the tokenizer's pad id when the model has none)."""
+        generator = cls(model)
+        config = pipeline_generation_config(generator.generation_config, pipeline_defaults)
+        pad = model.tokenizer.pad_token_id
+        if config.pad_token_id is None and pad is not None:
+            config = config.update(pad_token_id=pad)
+        return generator, config
+
+    def check_kwargs(self, generation_config: GenerationConfig, kwargs: dict, owner: str) -> None:
+        """Unknown names are a TypeError and bad values a ValueError, raised before any work."""
+        unknown = sorted(k for k in kwargs if k not in GLOBAL_DEFAULTS)
+        if unknown:
+            raise TypeError(f"{owner} got unexpected arguments: {', '.join(unknown)}")
+        self.resolve_config(generation_config, **kwargs)
 
     def resolve_config(self, generation_config: GenerationConfig | None = None, **kwargs) -> GenerationConfig:
         config = (generation_config or self.generation_config).update(**kwargs)

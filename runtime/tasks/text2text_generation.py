@@ -14,8 +14,7 @@ import enum
 import numpy as np
 
 from ..base import Pipeline
-from ..generation import Generator, model_generation_config, pipeline_generation_config
-from ..generation.config import GLOBAL_DEFAULTS
+from ..generation import Generator
 
 
 class ReturnType(enum.Enum):
@@ -30,12 +29,7 @@ class Text2TextGenerationPipeline(Pipeline):
     return_name = "generated"
 
     def __init__(self, model, **kwargs):
-        self.generator = Generator(model)
-        config = pipeline_generation_config(model_generation_config(model.manifest["generation"]), self.default_generation)
-        pad = model.tokenizer.pad_token_id
-        if config.pad_token_id is None and pad is not None:
-            config = config.update(pad_token_id=pad)
-        self.generation_config = config
+        self.generator, self.generation_config = Generator.for_pipeline(model, self.default_generation)
         super().__init__(model, **kwargs)
 
     def __call__(self, inputs, **kwargs):
@@ -64,10 +58,7 @@ class Text2TextGenerationPipeline(Pipeline):
             if not ids:
                 raise ValueError(f"stop_sequence={stop_sequence!r} encodes to no tokens")
             fwd["eos_token_id"] = ids[0]  # transformers stops on the first token of the sequence only
-        unknown = sorted(k for k in fwd if k not in GLOBAL_DEFAULTS)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected arguments: {', '.join(unknown)}")
-        self.generator.resolve_config(self.generation_config, **fwd)
+        self.generator.check_kwargs(self.generation_config, fwd, type(self).__name__)
         if seed is not None:
             fwd["seed"] = seed
         if return_tensors is not None and return_type is None:

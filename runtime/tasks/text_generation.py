@@ -20,8 +20,7 @@ import numpy as np
 
 from ..base import Pipeline
 from ..chat import check_messages, render_chat_template
-from ..generation import Generator, TextIteratorStreamer, TextStreamer, model_generation_config, pipeline_generation_config
-from ..generation.config import GLOBAL_DEFAULTS
+from ..generation import Generator, TextIteratorStreamer, TextStreamer
 
 
 class ReturnType(enum.Enum):
@@ -43,12 +42,7 @@ class TextGenerationPipeline(Pipeline):
     default_generation = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 
     def __init__(self, model, **kwargs):
-        self.generator = Generator(model)
-        config = pipeline_generation_config(model_generation_config(model.manifest["generation"]), self.default_generation)
-        pad = model.tokenizer.pad_token_id
-        if config.pad_token_id is None and pad is not None:
-            config = config.update(pad_token_id=pad)
-        self.generation_config = config
+        self.generator, self.generation_config = Generator.for_pipeline(model, self.default_generation)
         super().__init__(model, **kwargs)
 
     # --- public entry points ------------------------------------------------------------------------------------
@@ -120,10 +114,7 @@ class TextGenerationPipeline(Pipeline):
             post["continue_final_message"] = continue_final_message
         if stop_sequence is not None:
             fwd["eos_token_id"] = self.tokenizer.encode_batch([stop_sequence], add_special_tokens=False)[0].ids
-        unknown = sorted(k for k in fwd if k not in GLOBAL_DEFAULTS)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected arguments: {', '.join(unknown)}")
-        self.generator.resolve_config(self.generation_config, **fwd)  # bad values fail here, before any work
+        self.generator.check_kwargs(self.generation_config, fwd, type(self).__name__)
         if seed is not None:
             fwd["seed"] = seed
         if streamer is not None:
