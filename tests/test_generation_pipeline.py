@@ -121,6 +121,14 @@ def test_streamer_never_yields_half_a_multibyte_character():
     assert any(p.endswith("\n") for p in pieces)
 
 
+def test_breaking_out_of_a_stream_stops_the_generation():
+    _, ours = _pipes("gpt2")
+    stream = ours.stream("the quick brown fox", do_sample=False, max_new_tokens=200, min_new_tokens=200)
+    next(stream)
+    stream.close()  # what `break` in a for loop does
+    assert len(ours.generator.step_input_lengths) < 200
+
+
 def test_stream_errors_surface_in_the_caller():
     _, ours = _pipes("gpt2")
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -153,6 +161,12 @@ def test_bad_input_raises_clear_error(inputs, kwargs, error, match):
     _, ours = _pipes("llama")
     with pytest.raises(error, match=match):
         ours(inputs, **kwargs)
+
+
+def test_handle_long_generation_hole_matches_transformers():
+    prompt = "the quick brown fox jumps over the lazy dog " * 30  # longer than the 256 positions
+    ours, ref = _run_both("gpt2", prompt, do_sample=False, max_new_tokens=10, handle_long_generation="hole")
+    assert ours == ref
 
 
 def test_empty_prompt_behaves_as_transformers_with_bos():

@@ -61,6 +61,10 @@ class TextStreamer:
             self.callback(text)
 
 
+class StreamCancelled(Exception):
+    """Raised inside generation when the consumer of a TextIteratorStreamer has stopped reading."""
+
+
 class TextIteratorStreamer(TextStreamer):
     """The pieces as an iterator; generation runs in another thread and `put`s into a queue."""
 
@@ -70,6 +74,16 @@ class TextIteratorStreamer(TextStreamer):
         super().__init__(tokenizer, **kwargs)
         self.queue: queue.Queue = queue.Queue()
         self.timeout = timeout
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the producing generation at its next token (the consumer broke out of the loop)."""
+        self.cancelled = True
+
+    def put(self, token_ids) -> None:
+        if self.cancelled:
+            raise StreamCancelled()
+        super().put(token_ids)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:

@@ -21,6 +21,7 @@ import numpy as np
 from ..base import Pipeline
 from ..chat import check_messages, render_chat_template
 from ..generation import Generator, TextIteratorStreamer, TextStreamer
+from ..generation.streamer import StreamCancelled
 
 
 class ReturnType(enum.Enum):
@@ -76,6 +77,8 @@ class TextGenerationPipeline(Pipeline):
         def work():
             try:
                 self(text_inputs, streamer=streamer, **kwargs)
+            except StreamCancelled:
+                pass
             except BaseException as e:  # surfaced in the consumer's thread
                 streamer.put_error(e)
 
@@ -84,6 +87,7 @@ class TextGenerationPipeline(Pipeline):
         try:
             yield from streamer
         finally:
+            streamer.cancel()  # a consumer that stops early also stops the generation
             thread.join()
 
     # --- the four steps -------------------------------------------------------------------------------------------
