@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     bd.add_argument("names", nargs="*", help="default model names or tasks (default: all)")
 
     sv = sub.add_parser("serve", help="serve model folders over HTTP")
-    sv.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
-                    help="model folder to serve (repeatable); its name defaults to the folder's name")
+    sv.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR[@TASK]",
+                    help="model folder to serve (repeatable); its name defaults to the folder's name, its task "
+                         "to the manifest's (@sentence-similarity serves a feature-extraction export's embeddings)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch-size", type=int, default=8, help="inputs run together at most (1: no batching)")

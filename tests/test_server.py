@@ -281,3 +281,17 @@ def test_length_buckets_keep_padding_small(lengths, groups):
         if None not in lengths:
             real = sum(lengths[i] for i in group)
             assert len(group) * max(lengths[i] for i in group) <= 1.25 * real
+
+
+def test_serve_exits_with_the_reason_when_a_model_cannot_load(clf_dir):
+    # The manifest is fine (checked before start); the pipeline refuses the export at load time.
+    out = subprocess.run([sys.executable, "-m", "onnxpipe.cli", "serve", "--model", f"x={clf_dir}@question-answering",
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "could not load model 'x'" in out.stderr and "exported for 'text-classification'" in out.stderr
+
+
+def test_serve_refuses_an_unknown_task(clf_dir):
+    out = subprocess.run([sys.executable, "-m", "onnxpipe.cli", "serve", "--model", f"x={clf_dir}@nonsense",
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown task 'nonsense'" in out.stderr

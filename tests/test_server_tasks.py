@@ -15,7 +15,7 @@ from test_server import GRACEFUL_EXIT, ServerProcess, metric, roundtrip
 MAX_BATCH = 8
 # Models whose pipelines batch for real (batch_size) without changing results: the server combines
 # their concurrent requests. Feature extraction keeps padded lengths; generation loops over prompts.
-BATCHED = ("fill", "qa", "ner")
+BATCHED = ("fill", "qa", "ner", "emb")
 MODELS = {  # served name -> (arch, task) of the tiny export
     "fill": ("bert", "fill-mask"),
     "qa": ("bert", "question-answering"),
@@ -27,22 +27,29 @@ MODELS = {  # served name -> (arch, task) of the tiny export
 }
 
 
+# Served with another pipeline than the manifest's task: --model emb=DIR@sentence-similarity.
+OTHER_TASK = {"emb": ("feat", "sentence-similarity")}
+
+
 @pytest.fixture(scope="module")
 def dirs(tiny):
-    return {name: tiny.export(arch, task) for name, (arch, task) in MODELS.items()}
+    found = {name: tiny.export(arch, task) for name, (arch, task) in MODELS.items()}
+    return {**found, **{name: found[of] for name, (of, _) in OTHER_TASK.items()}}
 
 
 @pytest.fixture(scope="module")
 def pipes(dirs):
     import onnxpipe
 
-    return {name: onnxpipe.pipeline(model=str(d)) for name, d in dirs.items()}
+    tasks = {name: task for name, (_, task) in OTHER_TASK.items()}
+    return {name: onnxpipe.pipeline(tasks.get(name), model=str(d)) for name, d in dirs.items()}
 
 
 @pytest.fixture(scope="module")
 def server(dirs, tmp_path_factory):
-    srv = ServerProcess([f"{name}={d}" for name, d in dirs.items()], tmp_path_factory.mktemp("server"),
-                        "--max-batch-size", str(MAX_BATCH), "--max-wait-ms", "100")
+    specs = [f"{name}={d}" + (f"@{OTHER_TASK[name][1]}" if name in OTHER_TASK else "") for name, d in dirs.items()]
+    srv = ServerProcess(specs, tmp_path_factory.mktemp("server"), "--max-batch-size", str(MAX_BATCH),
+                        "--max-wait-ms", "100")
     yield srv
     assert srv.stop() in GRACEFUL_EXIT, srv.log()
 
@@ -66,6 +73,9 @@ CASES = {  # id -> (model, inputs, parameters); "{mask}" becomes the model's mas
                                      {"aggregation_strategy": "simple"}),
     "features one": ("feat", "hello world", {}),
     "features list of different lengths": ("feat", ["hello", "a much longer sentence than that"], {}),
+    "sentence embedding": ("emb", "hello world", {}),
+    "sentence embeddings, list": ("emb", ["hello", "a much longer sentence than that"], {}),
+    "sentence embeddings, cls pooling": ("emb", ["hello there"], {"pooling": "cls", "normalize": False}),
     "generation prompt": ("gen", "once upon a time", GREEDY),
     "generation prompts": ("gen", ["once upon a time", "the weather"], {**GREEDY, "return_full_text": False}),
     "generation chat": ("chat", CHAT, GREEDY),

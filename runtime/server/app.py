@@ -79,7 +79,8 @@ def serve(models, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int
           workers: int = 1, *, access_log: bool = False, graceful_timeout_s: float | None = None, **options) -> None:
     """Serve model folders over HTTP until SIGINT/SIGTERM, then finish in-flight requests and exit.
 
-    models: model folder paths, or "NAME=PATH" to name one (the name defaults to the folder's name).
+    models: model folder paths, "NAME=DIR" to name one (the name defaults to the folder's name), or
+    "NAME=DIR@TASK" to serve it with another pipeline than its manifest's task (e.g. sentence-similarity).
     workers: inference threads per model. options: the other ServerConfig fields.
     """
     config = ServerConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, workers=workers, **options)
@@ -95,7 +96,7 @@ def serve(models, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int
 
 
 def create_app(models, config: ServerConfig | None = None) -> Starlette:
-    """The ASGI app for `models` (paths or "NAME=PATH"); models load in the background at startup."""
+    """The ASGI app for `models` ("DIR", "NAME=DIR" or "NAME=DIR@TASK"); models load in the background."""
     state = _State(parse_model_specs(models), config or ServerConfig())
 
     @contextlib.asynccontextmanager
@@ -120,24 +121,37 @@ def create_app(models, config: ServerConfig | None = None) -> Starlette:
     return app
 
 
-def parse_model_specs(models) -> dict[str, Path]:
-    """["dir", "name=dir"] -> {name: path}, checking each folder's manifest now so a typo fails at start."""
+@dataclass
+class ModelSpec:
+    path: Path
+    task: str | None = None    # None: the manifest's task
+
+
+def parse_model_specs(models) -> dict[str, ModelSpec]:
+    """["dir", "name=dir", "name=dir@task"] -> {name: ModelSpec}, checking each folder's manifest now so
+    that a typo fails at start. The task, when given, is any pipeline task or alias the export
+    serves (e.g. sentence-similarity over a feature-extraction export)."""
     from onnxpipe.model_dir import read_manifest
+    from onnxpipe.registry import normalize_task
 
     if isinstance(models, (str, os.PathLike)):
         models = [models]
-    specs: dict[str, Path] = {}
+    specs: dict[str, ModelSpec] = {}
     for spec in models:
         spec = str(spec)
-        name, sep, path = spec.partition("=")
-        if not sep or os.path.isdir(spec):
-            name, path = Path(spec).resolve().name, spec
+        rest, task = spec, None
+        if "@" in spec and not os.path.isdir(spec):
+            rest, _, task = spec.rpartition("@")
+            normalize_task(task)  # a clear ValueError for an unknown task
+        name, sep, path = rest.partition("=")
+        if not sep or os.path.isdir(rest):
+            name, path = Path(rest).resolve().name, rest
         if not name or "/" in name:
             raise ValueError(f"--model {spec!r}: a model name must be non-empty and without '/'")
         if name in specs:
             raise ValueError(f"two models are named {name!r}: name them with --model NAME=DIR")
         read_manifest(path)
-        specs[name] = Path(path)
+        specs[name] = ModelSpec(Path(path), task)
     if not specs:
         raise ValueError("serve needs at least one --model DIR")
     return specs
@@ -180,7 +194,7 @@ async def _request_error(request, exc: RequestError):
 class _State:
     """Everything the routes share: the models and their workers, the limits, the metrics."""
 
-    def __init__(self, specs: dict[str, Path], config: ServerConfig):
+    def __init__(self, specs: dict[str, ModelSpec], config: ServerConfig):
         self.specs = specs
         self.config = config
         self.metrics = Metrics()
@@ -202,9 +216,10 @@ class _State:
 
         c = self.config
         try:
-            for name, path in self.specs.items():
+            for name, spec in self.specs.items():
                 t0 = time.perf_counter()
-                pipe = pipeline(model=str(path), precision=c.precision, device=c.device,
+                path = spec.path
+                pipe = pipeline(spec.task, model=str(path), precision=c.precision, device=c.device,
                                 session_options=session_options(c.intra_op_num_threads))
                 for role in pipe.model.roles:  # create sessions now, not on the first request
                     pipe.model.session(role)
@@ -218,11 +233,11 @@ class _State:
                 self.counters[name] = counter
                 self.workers[name] = worker
                 self.metrics.watch_queue(name, worker.depth)
-                log.info("loaded %s (%s) from %s in %.2f s", name, pipe.model.task, path, time.perf_counter() - t0)
+                log.info("loaded %s (%s) from %s in %.2f s", name, pipe.task, path, time.perf_counter() - t0)
             self.ready = True
             log.info("ready: %s", ", ".join(self.workers))
         except Exception as e:  # noqa: BLE001 - reported, then the server stops
-            self.load_error = f"could not load model {name!r} from {path}: {e}"
+            self.load_error = f"could not load model {name!r} from {spec.path}: {e}"
             log.error("%s", self.load_error)
             self.stop_server()
 

@@ -84,7 +84,7 @@ class ModelWorker:
                  threads: int = 1, metrics=None):
         self.name = name
         self.pipe = pipe
-        self.task = pipe.model.task if hasattr(pipe, "model") else pipe.task
+        self.task = pipe.task  # the pipeline's task (e.g. sentence-similarity over a feature-extraction export)
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))

@@ -115,11 +115,14 @@ def texts_to_measure(task: str, parameters: dict, item):
     """The (text, pair) an item is tokenized into, or None when the pipeline copes with any length.
 
     Question answering splits long contexts into doc_stride windows, token classification does
-    with a stride, and an explicit `truncation` asks the pipeline to cut: none of those is limited.
+    with a stride, sentence embeddings cut at their max_seq_length, and an explicit `truncation`
+    asks the pipeline to cut: none of those is limited.
     """
     if parameters.get("truncation") or (parameters.get("tokenize_kwargs") or {}).get("truncation"):
         return None
     if task == "question-answering" or (task == "token-classification" and parameters.get("stride")):
+        return None
+    if task == "sentence-similarity":  # cuts at its max_seq_length, as sentence-transformers does
         return None
     if isinstance(item, str):
         return item, None
