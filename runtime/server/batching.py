@@ -4,9 +4,9 @@ Requests wait in a bounded queue (full -> `QueueFull`, answered 503). A worker t
 the oldest request, then gathers later ones with the same parameters until the batch holds
 `max_batch_size` inputs or `max_wait_ms` has passed (waiting only if others were already
 queued), and runs them as list calls, `pipe([...], batch_size=n, **parameters)`, one per group
-of similar input lengths. Results go back to the event loop as encoded JSON,
-so the loop never blocks on inference or on serialising a large result. A request that timed
-out or whose client went away is marked cancelled and skipped if it has not started.
+of similar input lengths. Results go back to the event loop as encoded JSON, so the loop never
+blocks on inference or on serialising a large result. A request that timed out or whose client
+went away is marked cancelled and skipped if it has not started; a stream stops at its next token.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     stream: bool = False
-    # stream jobs: ("piece", text) items, then ("end", None | RequestError)
+    # stream jobs: ("piece", text) items, then ("end", StreamEnd | RequestError)
     pieces: asyncio.Queue | None = None
     cancelled: bool = False
     key: str = field(init=False)
