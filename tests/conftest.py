@@ -58,6 +58,18 @@ def tiny():
     return _Tiny()
 
 
+def reference_pipeline(task: str, checkpoint, **kwargs):
+    """The oracle: `transformers.pipeline(task)` on the checkpoint's own model and tokenizer."""
+    import transformers
+
+    auto = {"question-answering": transformers.AutoModelForQuestionAnswering,
+            "token-classification": transformers.AutoModelForTokenClassification,
+            "text-classification": transformers.AutoModelForSequenceClassification,
+            "fill-mask": transformers.AutoModelForMaskedLM}[task]
+    return transformers.pipeline(task, model=auto.from_pretrained(checkpoint),
+                                 tokenizer=transformers.AutoTokenizer.from_pretrained(checkpoint), **kwargs)
+
+
 def assert_results_close(ours, ref, atol: float = 1e-4, where: str = "result"):
     """Pipeline results equal field by field: same nesting, keys, labels and tokens; floats within `atol`."""
     import numpy as np

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import onnxpipe
-from conftest import ENCODER_ARCHS
+from conftest import ENCODER_ARCHS, reference_pipeline
 from onnxpipe.tasks.question_answering import decode_spans, select_starts_ends
 
 # The default init (std 0.02) gives near-uniform start/end logits, so hundreds of spans score
@@ -48,20 +48,12 @@ REL = 1e-4  # scores are products of two probabilities (often ~1e-3): compare re
 TIE = 1e-5  # spans whose scores differ less than this (relatively) may come out in either order
 
 
-def _reference(ckpt, **kwargs):
-    import transformers
-
-    return transformers.pipeline("question-answering",
-                                 model=transformers.AutoModelForQuestionAnswering.from_pretrained(ckpt),
-                                 tokenizer=transformers.AutoTokenizer.from_pretrained(ckpt), **kwargs)
-
-
 @pytest.fixture(scope="module", params=ENCODER_ARCHS)
 def pipes(request, tiny):
     """(onnxpipe pipeline, transformers pipeline) for one architecture."""
     arch = request.param
     ours = onnxpipe.pipeline("question-answering", model=tiny.export(arch, "question-answering", **WEIGHTS))
-    return ours, _reference(tiny.checkpoint(arch, "question-answering", **WEIGHTS))
+    return ours, reference_pipeline("question-answering", tiny.checkpoint(arch, "question-answering", **WEIGHTS))
 
 
 def _both(pipes, *args, **kwargs):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import onnxpipe
-from conftest import ENCODER_ARCHS, assert_results_close
+from conftest import ENCODER_ARCHS, assert_results_close, reference_pipeline
 from onnxpipe.export.tiny import NER_LABELS
 
 # The default init (std 0.02) gives every token nearly the same label scores; larger weights make
@@ -28,20 +28,12 @@ STRATEGIES = ("none", "simple", "first", "average", "max")
 ATOL = 1e-5
 
 
-def _reference(ckpt, **kwargs):
-    import transformers
-
-    return transformers.pipeline("token-classification",
-                                 model=transformers.AutoModelForTokenClassification.from_pretrained(ckpt),
-                                 tokenizer=transformers.AutoTokenizer.from_pretrained(ckpt), **kwargs)
-
-
 @pytest.fixture(scope="module", params=ENCODER_ARCHS)
 def pipes(request, tiny):
     """(onnxpipe pipeline, transformers pipeline) for one architecture."""
     arch = request.param
     ours = onnxpipe.pipeline("ner", model=tiny.export(arch, "token-classification", **WEIGHTS))
-    return ours, _reference(tiny.checkpoint(arch, "token-classification", **WEIGHTS))
+    return ours, reference_pipeline("token-classification", tiny.checkpoint(arch, "token-classification", **WEIGHTS))
 
 
 def _both(pipes, inputs, **kwargs):
@@ -159,7 +151,8 @@ def test_deprecated_grouping_flags_map_to_strategies(pipes, legacy, strategy):
 def test_options_given_at_construction_match_transformers(tiny):
     init = {"aggregation_strategy": "average", "ignore_labels": []}
     ours = onnxpipe.pipeline("ner", model=tiny.export("roberta", "token-classification", **WEIGHTS), **init)
-    ref = _reference(tiny.checkpoint("roberta", "token-classification", **WEIGHTS), **init)
+    ref = reference_pipeline("token-classification", tiny.checkpoint("roberta", "token-classification", **WEIGHTS),
+                             **init)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert_results_close(ours(TEXTS["accents"]), _python_scores(ref(TEXTS["accents"])), ATOL)

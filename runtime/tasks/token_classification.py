@@ -68,7 +68,8 @@ class TokenClassificationPipeline(ChunkPipeline):
             for name, value in (("grouped_entities", grouped_entities), ("ignore_subwords", ignore_subwords)):
                 if value is not None:
                     warnings.warn(f"`{name}` is deprecated and will be removed in version v5.0.0, defaulted to "
-                                  f'`aggregation_strategy="{aggregation_strategy}"` instead.', UserWarning, stacklevel=4)
+                                  f'`aggregation_strategy="{aggregation_strategy}"` instead.', UserWarning,
+                                  stacklevel=4)
         if aggregation_strategy is not None:
             postprocess_params["aggregation_strategy"] = check_choice(aggregation_strategy, AGGREGATION_STRATEGIES,
                                                                       "aggregation_strategy")
