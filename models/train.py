@@ -73,6 +73,16 @@ def finetune_token_classification(base: Path, sentences: list[tuple[list[str], l
 def _train_loop(model, examples: list, collate, train: dict, log) -> None:
     import torch
 
+    # export_model switches autograd off process-wide; a build after an export (several defaults
+    # built in one process) must switch it back on.
+    with torch.enable_grad():
+        _train_steps(model, examples, collate, train, log)
+    model.eval()
+
+
+def _train_steps(model, examples: list, collate, train: dict, log) -> None:
+    import torch
+
     examples = list(examples)[: train.get("train_limit") or None]
     frozen = _freeze(model, train.get("freeze_layers"))
     batch_size = train["batch_size"]
@@ -115,7 +125,6 @@ def _train_loop(model, examples: list, collate, train: dict, log) -> None:
                 elapsed = time.monotonic() - started
                 log(f"  step {step}/{total}  loss {running:.3f}  {_mmss(elapsed)} elapsed, "
                     f"~{_mmss(elapsed / step * (total - step))} left")
-    model.eval()
 
 
 def _freeze(model, layers) -> str:
