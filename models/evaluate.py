@@ -80,7 +80,6 @@ def sentence_embeddings(md: ModelDir, texts: list[str]) -> np.ndarray:
 
 def perplexity(path, precision: str, texts: list[str]) -> dict:
     """exp(mean negative log-likelihood) of each text's tokens 2..n given the ones before (no special tokens)."""
-    # logits_to_keep=0 (an input of newer exports; dropped by Session.run when absent) keeps every position.
     md = ModelDir(path, precision=precision)
     kv = md.manifest["kv_cache"]
     session = md.session()
@@ -89,6 +88,7 @@ def perplexity(path, precision: str, texts: list[str]) -> dict:
         ids = np.array([md.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids], dtype=np.int64)
         if ids.shape[1] < 2:
             continue
+        # logits_to_keep=0 keeps every position (Session.run drops it for exports without that input)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "logits_to_keep": np.array([0], np.int64),
                  "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
         for name in kv["past_names"]:

@@ -84,6 +84,38 @@ def test_models_command_lists_every_registry_entry_without_importing_torch(tmp_p
         assert task in rows
 
 
+# --- data and metric -------------------------------------------------------------------------------------------
+
+def test_split_is_seeded_and_keeps_heldout_out_of_train():
+    from onnxpipe.models import data
+
+    items = [f"sentence {i}" for i in range(500)]
+    a, b = data.split(items, seed=0, heldout=100), data.split(items, seed=0, heldout=100)
+    assert a.heldout == b.heldout and a.heldout_digest == b.heldout_digest
+    assert not set(a.heldout) & set(a.train) and len(a.train) + len(a.heldout) == len(items)
+    assert data.split(items, seed=1, heldout=100).heldout != a.heldout
+
+
+@pytest.mark.parametrize("tags, spans", [
+    (["B-loc", "I-loc", "O", "B-per"], {("loc", 0, 1), ("per", 3, 3)}),
+    (["I-loc", "I-loc", "B-loc"], {("loc", 0, 1), ("loc", 2, 2)}),       # I- without B- opens an entity
+    (["B-loc", "I-per", "I-per", "O"], {("loc", 0, 0), ("per", 1, 2)}),  # a type change closes one
+    (["O", "O"], set()),
+], ids=["b-i-o-b", "leading-i", "type-change", "none"])
+def test_entity_spans_are_read_as_seqeval_reads_them(tags, spans):
+    from onnxpipe.models import data
+
+    assert data.entities(tags) == spans
+
+
+def test_entity_f1_counts_exact_spans_only():
+    from onnxpipe.models import data
+
+    gold = [["B-loc", "I-loc", "O", "B-per"]]
+    pred = [["B-loc", "O", "O", "B-per"]]  # the location is cut short: wrong; the person: right
+    assert data.entity_f1(gold, pred)["f1"] == pytest.approx(0.5)
+
+
 # --- the cache: a planted tiny model stands in for a built default ----------------------------------------------
 
 @pytest.fixture
