@@ -74,8 +74,7 @@ def export_model(
 
     import torch  # heavy imports only after the cheap checks
 
-    torch.set_grad_enabled(False)
-    with tempfile.TemporaryDirectory(prefix="onnxpipe-export-") as scratch:
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="onnxpipe-export-") as scratch:
         hf_dir = source.path
         if source.gguf_file:
             log.info("converting GGUF %s to a transformers checkpoint", source.gguf_file)

@@ -269,6 +269,12 @@ def test_failed_validation_leaves_no_model_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_export_leaves_torch_autograd_as_it_found_it(tmp_path):
+    assert torch.is_grad_enabled()
+    export_model(tiny_checkpoint("bert", "text-classification"), tmp_path / "m", "text-classification", validate=False)
+    assert torch.is_grad_enabled(), "a training step after an export (models/ builds) needs autograd"
+
+
 def test_reexport_replaces_an_existing_model_folder(tmp_path):
     out = tmp_path / "out"
     ckpt = tiny_checkpoint("bert", "text-classification")
