@@ -169,6 +169,17 @@ def test_context_of_only_whitespace_matches_transformers(pipes):
     assert_answers_match(ours, ref)
 
 
+
+@pytest.mark.parametrize("options", [{}, {"top_k": 3, "max_seq_len": 64, "doc_stride": 16, "batch_size": 4},
+                                     {"padding": "max_length", "top_k": 2}], ids=["default", "windows", "padded"])
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_left_padding_tokenizer_puts_the_context_first_like_transformers(tiny, arch, options):
+    # transformers puts the context first (and masks nothing but padding) when the tokenizer pads left.
+    ours = onnxpipe.pipeline("question-answering", model=tiny.export(arch, "question-answering", **WEIGHTS))
+    ref = reference_pipeline("question-answering", tiny.checkpoint(arch, "question-answering", **WEIGHTS))
+    ours.tokenizer.padding_side = ref.tokenizer.padding_side = "left"
+    assert_answers_match(*_both((ours, ref), question=QUESTION, context=LONG[:2000], **options))
+
 def test_int8_gives_well_formed_answers(tiny):
     qa = onnxpipe.pipeline("question-answering", model=tiny.export("bert", "question-answering", **WEIGHTS),
                            precision="int8")

@@ -81,7 +81,7 @@ def test_long_text_is_cut_at_the_model_limit_like_transformers(pipes, strategy):
     assert ours and ours[-1]["end"] < len(LONG) // 2  # only the first 512 tokens are tagged
 
 
-@pytest.mark.parametrize("stride", [0, 16, 128, 500])
+@pytest.mark.parametrize("stride", [0, 16, 128, 400])
 @pytest.mark.parametrize("strategy", ["simple", "first", "average", "max"])
 def test_long_text_with_stride_matches_transformers(pipes, strategy, stride):
     ours, ref = _both(pipes, LONG, aggregation_strategy=strategy, stride=stride, ignore_labels=[])
@@ -141,9 +141,13 @@ def test_pre_split_words_match_transformers(pipes, strategy):
 ], ids=["grouped", "grouped+ignore_subwords", "not-grouped"])
 def test_deprecated_grouping_flags_map_to_strategies(pipes, legacy, strategy):
     ours_pipe = pipes[0]
-    with pytest.warns(UserWarning, match="deprecated"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         legacy_result = ours_pipe(TEXTS["ascii"], **legacy)
-    assert legacy_result == ours_pipe(TEXTS["ascii"], aggregation_strategy=strategy)
+    assert any(issubclass(w.category, UserWarning) and "deprecated" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # roberta's word-heuristic warning under 'first'
+        assert legacy_result == ours_pipe(TEXTS["ascii"], aggregation_strategy=strategy)
     ours, ref = _both(pipes, TEXTS["ascii"], **legacy)
     assert_results_close(ours, ref, ATOL)
 
