@@ -58,7 +58,7 @@ class Registry:
                 return model
         why = self.no_default.get(task, "no default model is registered for it")
         raise ValueError(
-            f"task {task!r} has no built-in default model: {why}. Pass model= a folder exported with "
+            f"task {task!r} has no built-in default model: {why}. Pass model= (CLI: --model) a folder exported with "
             f"`onnxpipe export CHECKPOINT --task {task} --out MODEL_DIR` from a checkpoint fine-tuned for it")
 
     def get(self, name_or_task: str) -> DefaultModel:
