@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.report:
         results = json.loads(Path(args.report).read_text())
+        results["targets"] = report.targets(results)  # a partial run has none yet
         out = Path(args.report).parent
         report.write(results, out / "latest.md", out / "latest.png")
         print(f"wrote {out / 'latest.md'} and {out / 'latest.png'}")
@@ -117,7 +118,11 @@ def run(cases: list[str], only: list[str] | None, threads: int, quick: bool) -> 
 
 
 def _section_done(results: dict, name: str, t_start: float) -> None:
+    """Record the load, and save what is measured so far (a run cut short still leaves its figures)."""
     load = [round(x, 2) for x in os.getloadavg()]
+    partial = RESULTS / ("quick" if results["meta"]["mode"] == "quick" else "") / "partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(results, indent=1, default=float))
     results["meta"].setdefault("sections", {})[name] = {"done_after_s": round(time.time() - t_start, 1), "loadavg": load}
     print(f"bench: {name} done after {time.time() - t_start:.0f} s (load average {load})", flush=True)
 

