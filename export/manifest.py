@@ -46,6 +46,9 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
         "tokenizer": _tokenizer_info(tokenizer, config),
         "generation": _generation(model),
         "chat_template": getattr(tokenizer, "chat_template", None),
+        # transformers' pipelines prepend config.prefix and apply task_specific_params (T5's "summarize: ")
+        "prefix": getattr(config, "prefix", None),
+        "task_specific_params": getattr(config, "task_specific_params", None),
         "sentence_embedding": _sentence_embedding(task, Path(hf_dir)),
         "optimization": optimization,
         "quantization": quantization or None,
