@@ -123,19 +123,16 @@ class TokenClassificationPipeline(ChunkPipeline):
                                                truncation=limit is not None and limit > 0, max_length=limit,
                                                is_pretokenized=is_split_into_words, **window_kwargs)[0]
         windows = [encoding] + (list(encoding.overflowing) if stride is not None else [])
-        items = []
-        for i, window in enumerate(windows):
-            items.append({
-                "input_ids": np.array([window.ids], dtype=np.int64),
-                "attention_mask": np.array([window.attention_mask], dtype=np.int64),
-                "token_type_ids": np.array([window.type_ids], dtype=np.int64),
-                "special_tokens_mask": np.array([window.special_tokens_mask], dtype=np.int64),
-                "offsets": window.offsets,
-                "word_ids": window.word_ids if word_to_chars_map is not None else None,
-                "word_to_chars_map": word_to_chars_map,
-                "sentence": sentence,
-            })
-        return items
+        return [{
+            "input_ids": np.array([window.ids], dtype=np.int64),
+            "attention_mask": np.array([window.attention_mask], dtype=np.int64),
+            "token_type_ids": np.array([window.type_ids], dtype=np.int64),
+            "special_tokens_mask": np.array([window.special_tokens_mask], dtype=np.int64),
+            "offsets": window.offsets,
+            "word_ids": window.word_ids if word_to_chars_map is not None else None,
+            "word_to_chars_map": word_to_chars_map,
+            "sentence": sentence,
+        } for window in windows]
 
     def _forward(self, model_inputs: dict) -> dict:
         return {"logits": self.model.session().run(model_inputs)["logits"]}
