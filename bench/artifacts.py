@@ -104,6 +104,7 @@ def nbits_variant(src_dir: Path, bits: int = 8, block_size: int = 32, accuracy_l
     try:
         model = onnx.load(str(src_dir / "model.onnx"))
         untie_transposed_weights(model)
+        gemm_to_matmul(model)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # a progress bar
             quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                          accuracy_level=accuracy_level)
@@ -150,6 +151,38 @@ def untie_transposed_weights(model) -> int:
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     for node in [n for n in g.node if n.op_type == "Transpose" and not any(o in used for o in n.output)]:
         g.node.remove(node)
+    return count
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite Gemm(A, W, bias) with a constant W as MatMul + Add, which the weight-only quantizer handles.
+
+    GPT-2's Conv1D layers export as Gemm, and MatMulNBitsQuantizer only looks at MatMul.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    count = 0
+    for idx, node in reversed(list(enumerate(g.node))):
+        if node.op_type != "Gemm" or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T
+            weight = weight + "_t"
+            g.initializer.append(numpy_helper.from_array(w.copy(), weight))
+        product = node.output[0] + ("_matmul" if len(node.input) > 2 else "")
+        new = [helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name + "_MatMul")]
+        if len(node.input) > 2 and node.input[2]:
+            new.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_Add"))
+        g.node.remove(node)
+        for offset, n in enumerate(new):
+            g.node.insert(idx + offset, n)
+        count += 1
     return count
 
 
