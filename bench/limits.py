@@ -57,7 +57,7 @@ def _ort_gemm(m: int, k: int, n: int, threads: int, reps: int) -> dict:
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = rng.standard_normal((m, k), dtype=np.float32)
     flop = 2.0 * m * k * n
-    inner = max(1, int(2e10 // flop))  # ~20 GFLOP per sample: long enough to time, short enough to repeat
+    inner = max(1, int(5e9 // flop))  # ~5 GFLOP per sample: long enough to time, short enough to repeat
     sess.run(None, {"x": x})
     rates = []
     for _ in range(reps):
