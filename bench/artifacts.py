@@ -9,6 +9,7 @@ already built, else one exported here.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -88,7 +89,7 @@ def nbits_variant(src_dir: Path, bits: int = 8, block_size: int = 32, accuracy_l
     slower here). Returns None when this onnxruntime cannot write it. The manifest is kept (its int8
     entry then names the NBits graph) so the same pipeline code loads it.
     """
-    out = CACHE / "exports" / f"{src_dir.name}-matmulnbits{bits}-b{block_size}-acc{accuracy_level}"
+    out = variant_dir(src_dir, f"matmulnbits{bits}-b{block_size}-acc{accuracy_level}")
     if (out / "onnxpipe.json").exists():
         return out
     import contextlib
@@ -184,6 +185,14 @@ def gemm_to_matmul(model) -> int:
             g.node.insert(idx + offset, n)
         count += 1
     return count
+
+
+def variant_dir(src: Path, what: str) -> Path:
+    """Where a variant of model folder `src` is cached: keyed by the source graph, so a rebuilt source is not
+    served a variant of its previous weights."""
+    st = (src / "model.onnx").stat()
+    key = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
+    return CACHE / "exports" / f"{src.name}-{what}-{key}"
 
 
 def variant_scratch(src: Path, out: Path) -> Path:

@@ -136,7 +136,7 @@ def external_data_copy(src: Path) -> Path:
 
 def _fp32_variant(src: Path, name: str, write) -> Path:
     """A model folder like `src` with only an fp32 graph, written by `write(src_onnx, dst_onnx)`; built once."""
-    out = artifacts.CACHE / "exports" / f"{src.name}-{name}"
+    out = artifacts.variant_dir(src, name)
     if (out / "onnxpipe.json").exists():
         return out
     tmp = artifacts.variant_scratch(src, out)

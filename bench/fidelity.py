@@ -115,7 +115,7 @@ def _requantized(folder, kw: dict):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = artifacts.CACHE / "exports" / f"{folder.name}-qint8{'-per-channel' if kw.get('per_channel') else ''}"
+    out = artifacts.variant_dir(folder, f"qint8{'-per-channel' if kw.get('per_channel') else ''}")
     if (out / "onnxpipe.json").exists():
         return out
     tmp = artifacts.variant_scratch(folder, out)
@@ -139,13 +139,14 @@ def smollm2_text(threads: int, n_articles: int, ppl_tokens: int, prompt_tokens: 
     tok = AutoTokenizer.from_pretrained(hf)
     texts = news_articles(n_articles)
     ids = [tok(t, add_special_tokens=False)["input_ids"][:ppl_tokens] for t in texts]
-    variants = {"onnxpipe fp32": (export, "fp32"), "onnxpipe int8 (dynamic QUInt8)": (export, "int8")}
+    variants = {"onnxpipe fp32": (export, "fp32"), "onnxpipe int8 (dynamic)": (export, "int8")}
     if with_nbits:
         nbits = artifacts.nbits_variant(export)
         if nbits is not None:
             variants["onnxpipe int8 weight-only (MatMulNBits)"] = (nbits, "int8")
     result = {"source": f"{NEWS_PACKAGE[0]}=={NEWS_PACKAGE[1]} {NEWS_MEMBER}", "article_ids": news_article_ids(n_articles),
               "seed": ARTICLE_SEED, "tokens_per_article": ppl_tokens, "export": str(export), "perplexity": {},
+              "int8_method": _int8_method(export),
               "greedy": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "agreement_vs_fp32": {}}}
 
     torch.set_num_threads(threads)
@@ -178,6 +179,14 @@ def smollm2_text(threads: int, n_articles: int, ppl_tokens: int, prompt_tokens: 
     for name, p in result["perplexity"].items():
         p["vs_onnxpipe_fp32"] = p["ppl"] / base - 1.0
     return result
+
+
+def _int8_method(export) -> str:
+    import json
+
+    q = json.loads((export / "onnxpipe.json").read_text()).get("quantization") or {}
+    q = q.get("int8", q)  # the models' builds nest it under "int8"
+    return f"{q.get('method', 'dynamic')}, {q.get('weight_type', '?')} weights{', per-channel' if q.get('per_channel') else ''}"
 
 
 def _onnx_logits(sess, manifest, ids: list[int]) -> np.ndarray:

@@ -66,7 +66,7 @@ def targets(results: dict) -> list[dict]:
         ppl = (results.get("fidelity", {}).get("smollm2") or {}).get("perplexity", {})
         base = ppl.get("onnxpipe fp32", {}).get("ppl")
         ref_rate = g["contenders"].get(REFERENCE, {}).get("steps_per_s")
-        for cname, pname in (("onnxpipe int8", "onnxpipe int8 (dynamic QUInt8)"),
+        for cname, pname in (("onnxpipe int8", "onnxpipe int8 (dynamic)"),
                              ("onnxpipe int8 weight-only (MatMulNBits)", "onnxpipe int8 weight-only (MatMulNBits)")):
             c = g["contenders"].get(cname)
             if not c or not ref_rate:
@@ -293,7 +293,10 @@ def _fidelity_md(f: dict) -> list[str]:
             out.append(f"| {n} | {p['ppl']:.2f} | {p['vs_onnxpipe_fp32']:+.2%} | "
                        f"{'%.0f%%' % (100 * a['mean_fraction_equal']) if a else '–'} | "
                        f"{', '.join(map(str, a['tokens_before_first_difference'])) if a else '–'} |")
-        out += ["", f"Greedy: {s['greedy']['prompt_tokens']}-token prompts, {s['greedy']['new_tokens']} new tokens.", ""]
+        out += ["", f"Greedy: {s['greedy']['prompt_tokens']}-token prompts, {s['greedy']['new_tokens']} new tokens. "
+                f"int8 (dynamic) is the export's own int8 file ({s.get('int8_method', '?')}); int8 weight-only is "
+                "MatMulNBits 8-bit, symmetric blocks of 32, accuracy_level 4, with the tied LM head untied so it is "
+                "quantized too (built by bench/artifacts.py).", ""]
     elif s:
         out += [f"SmolLM2 text fidelity failed: {s['error']}", ""]
     return out
