@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 
 from . import artifacts, contenders as C
+from .limits import bandwidth_now
 from .timing import GAP_S, paired_speedup, summarize
 
 NBITS = "onnxpipe int8 weight-only (MatMulNBits)"
@@ -101,8 +102,10 @@ def _run_model(name, threads, quick, new_tokens, rounds_per_batch, bandwidth_gbs
                 gc.collect()
                 time.sleep(GAP_S)
                 stamps[cname].append(calls[cname](ids, mask, new_tokens))
+        bw_case = bandwidth_now(threads)  # the machine as the contenders found it
         row = {"model": label, "key": name, "batch": batch, "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens,
-               "weight_bytes_streamed": weight_bytes, "bandwidth_gbs": bandwidth_gbs, "errors": case_errors,
+               "weight_bytes_streamed": weight_bytes, "bandwidth_gbs": bw_case, "bandwidth_gbs_run_start": bandwidth_gbs,
+               "errors": case_errors,
                "export": str(export), "prefill_last_logits_only": _has_logits_to_keep(export),
                "contenders": {}}
         ref = stamps.get(C.REFERENCE)
@@ -110,8 +113,8 @@ def _run_model(name, threads, quick, new_tokens, rounds_per_batch, bandwidth_gbs
             row["contenders"][cname] = _summarize_runs(runs, ref, batch, new_tokens)
             precision = "int8 weight-only" if cname == NBITS else "int8" if "int8" in cname else "fp32"
             wb = weight_bytes.get(precision)
-            if bandwidth_gbs and wb:
-                ceiling = bandwidth_gbs * 1e9 / wb  # one pass over the weights per decode step
+            if wb:
+                ceiling = bw_case * 1e9 / wb  # one pass over the weights per decode step
                 row["contenders"][cname]["ceiling_steps_per_s"] = ceiling
                 row["contenders"][cname]["of_ceiling"] = row["contenders"][cname]["steps_per_s"] / ceiling
         rows.append(row)

@@ -33,28 +33,30 @@ def measure(threads: int, quick: bool = False) -> dict:
     }
 
 
+def gemm_now(threads: int) -> float:
+    """A short GEMM measurement taken right before a case, so its floor reflects the machine at that moment."""
+    return max(_ort_gemm(m, 768, 3072, threads, reps=3)["p50"] for m in (128, 512))
+
+
+def bandwidth_now(threads: int) -> float:
+    bw = _bandwidth(threads, mib=256, reps=3)
+    return max(bw["threads"]["p50"], bw["one_thread"]["p50"])
+
+
 def encoder_gflop(layers: int, hidden: int, intermediate: int, seq: int, batch: int = 1) -> float:
     """Matmul FLOPs of a BERT-like encoder (QKV + output projection, FFN, attention scores and mix)."""
     per_layer = 2 * seq * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * seq * seq * hidden
     return batch * layers * per_layer / 1e9
 
 
-def _ort_gemm(m: int, k: int, n: int, threads: int, reps: int) -> dict:
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+_SESSIONS: dict = {}
 
+
+def _ort_gemm(m: int, k: int, n: int, threads: int, reps: int) -> dict:
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    if (m, k, n, threads) not in _SESSIONS:
+        _SESSIONS[(m, k, n, threads)] = _gemm_session(m, k, n, threads, rng)
+    sess = _SESSIONS[(m, k, n, threads)]
     x = rng.standard_normal((m, k), dtype=np.float32)
     flop = 2.0 * m * k * n
     inner = max(1, int(5e9 // flop))  # ~5 GFLOP per sample: long enough to time, short enough to repeat
@@ -66,6 +68,22 @@ def _ort_gemm(m: int, k: int, n: int, threads: int, reps: int) -> dict:
             sess.run(None, {"x": x})
         rates.append(flop * inner / (time.perf_counter() - t0) / 1e9)
     return summarize(rates, scale=1.0)
+
+
+def _gemm_session(m: int, k: int, n: int, threads: int, rng):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _numpy_gemm(size: int, reps: int) -> dict:

@@ -32,10 +32,8 @@ def targets(results: dict) -> list[dict]:
         r = cls[(1, 128)]
         name, s = _best(r, ONNX_FP32)
         if s and r["floor_ms"]:
-            rate128 = results.get("limits", {}).get("gemm_by_shape", {}).get("128x768x3072", {}).get("p50")
-            shaped = f"; {fmt_ms(r['gflop'] / rate128 * 1e3)} at the rate of a 128-row GEMM" if rate128 else ""
             add("BERT-base classification b1 L128 fp32 within 10% of the compute floor",
-                f"{name} {fmt_ms(s['p50'])} vs floor {fmt_ms(r['floor_ms'])} ({s['p50'] / r['floor_ms']:.2f}x the floor{shaped})",
+                f"{name} {fmt_ms(s['p50'])} vs floor {fmt_ms(r['floor_ms'])} ({s['p50'] / r['floor_ms']:.2f}x the floor at {r.get('gemm_gflops_case', 0):.0f} GFLOP/s)",
                 s["p50"] <= 1.1 * r["floor_ms"])
         name, s = _best(r, ONNX_INT8)
         if s and s.get("speedup_vs_torch"):
@@ -167,7 +165,8 @@ def _speed(s: dict | None) -> str:
 def _encoder_md(rows: list[dict]) -> list[str]:
     out = ["## Encoder tasks: whole pipeline (tokenize, run, postprocess)", "",
            "Batch 1: p50 / p95 latency; batch 32: items/s. **Speed-up vs transformers+torch** is the median of "
-           "round-by-round ratios (min–max). Floor = the matmul FLOPs at the machine's measured GEMM rate.", ""]
+           "round-by-round ratios (min–max). Floor = the matmul FLOPs at the GEMM rate measured right after the "
+           "case (the rate is given below each table).", ""]
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["model"], r["task"]), []).append(r)
@@ -194,7 +193,8 @@ def _encoder_md(rows: list[dict]) -> list[str]:
         out.append("| *compute floor (fp32)* | " + " | ".join(
             (fmt_ms(r["floor_ms"]) + f" ({r['gflop']:.1f} GFLOP)") if r["floor_ms"] else "–" for r in rs) + " |")
         reps = ", ".join(f"b{r['batch']} L{r['length']}: {min(s['n'] for s in r['contenders'].values())}" for r in rs if r["contenders"])
-        out += ["", f"Rounds per contender: {reps}."]
+        rates = ", ".join(f"{r['gemm_gflops_case']:.0f}" for r in rs if r.get("gemm_gflops_case"))
+        out += ["", f"Rounds per contender: {reps}. GEMM GFLOP/s measured after each case: {rates}."]
         if any(" †" in ln for ln in out[-len(names) - 3:]):
             out.append("† tokenizer + ONNX session only: this task's onnxpipe pipeline was not committed when this ran.")
         out.append("")
@@ -205,11 +205,12 @@ def _generation_md(rows: list[dict]) -> list[str]:
     out = ["## Generation: greedy, prompt of 64 tokens from real news text", "",
            "Prefill = time to the first new token. Decode = tokens/s over the first 64 and all 256 new tokens "
            "(all sequences of the batch), from one timestamp per token; speed-up vs transformers+torch is paired "
-           "by round. Ceiling = read bandwidth / weight bytes streamed per step (embedding tables that are only "
-           "gathered from are not counted).", ""]
+           "by round. Ceiling = read bandwidth (measured right after the case) / weight bytes streamed per step "
+           "(embedding tables that are only gathered from are not counted).", ""]
     for g in rows:
         wb = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in g["weight_bytes_streamed"].items())
-        out += [f"### {g['model']}, batch {g['batch']}", "", f"Weights streamed per step: {wb}.", "",
+        out += [f"### {g['model']}, batch {g['batch']}", "",
+                f"Weights streamed per step: {wb}; read bandwidth after the case {g['bandwidth_gbs']:.1f} GB/s.", "",
                 "| contender | prefill p50 | decode tok/s (64) | decode tok/s (256) | step p50 | of bandwidth ceiling |",
                 "|---|---|---|---|---|---|"]
         for n, c in g["contenders"].items():
