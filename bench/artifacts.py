@@ -125,6 +125,33 @@ def nbits_variant(src_dir: Path, bits: int = 8, block_size: int = 32, accuracy_l
     return out
 
 
+def requantized(folder: Path, weight_type: str = "qint8", per_channel: bool = False) -> Path:
+    """A copy of `folder` whose int8 graph is its fp32 graph dynamically quantized with these settings (built once).
+
+    No torch needed: the fp32 graph is all it takes, so every export gets the same int8 flavours.
+    """
+    import json
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = variant_dir(folder, f"{weight_type}{'-per-channel' if per_channel else ''}")
+    if (out / "onnxpipe.json").exists():
+        return out
+    tmp = variant_scratch(folder, out)
+    shutil.copy2(folder / "model.onnx", tmp / "model.onnx")
+    wt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[weight_type]
+    # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
+    quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=wt, per_channel=per_channel,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    manifest = json.loads((tmp / "onnxpipe.json").read_text())
+    manifest["files"]["model"]["int8"] = {"path": "model.int8.onnx", "sha256": None,
+                                          "bytes": (tmp / "model.int8.onnx").stat().st_size}
+    (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
 def untie_transposed_weights(model) -> int:
     """Give each MatMul fed by Transpose(initializer) (a tied LM head) its own transposed initializer.
 

@@ -39,12 +39,8 @@ def run(threads: int, quick: bool, gemm_gflops: float | None, only: list[str] | 
 def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
     ckpt = artifacts.checkpoint(arch, task)
     plain, opt = artifacts.export(arch, task), artifacts.export(arch, task, optimized=True)
-    # QInt8 per-channel weights (faster here than the export's default QUInt8, STACK.md; as accurate on the
-    # default sentiment model, see fidelity) on the group the targets are about.
-    qint8 = artifacts.export(arch, task, optimized=True, weight_type="qint8", per_channel=True) \
-        if (arch, task) == ("bert", "text-classification") else None
     built, errors = {}, {}
-    for name, build in C.encoder_contenders(task, ckpt, plain, opt, threads, opt_qint8=qint8).items():
+    for name, build in C.encoder_contenders(task, ckpt, plain, opt, threads).items():
         try:
             built[name] = build()
         except Exception as e:  # a contender that cannot load this model is reported, not fatal

@@ -99,33 +99,11 @@ def sentiment_weight_types() -> dict:
     out = {"model": SENTIMENT_DEFAULT, "heldout": len(sp.heldout), "heldout_digest": sp.heldout_digest,
            "build_scores": ev["scores"], "accuracy": {}}
     out["accuracy"]["fp32"] = evaluate.classification_accuracy(folder, "fp32", sp.heldout)
-    out["accuracy"]["int8 QUInt8 (as built)"] = evaluate.classification_accuracy(folder, "int8", sp.heldout)
-    for name, kw in (("int8 QInt8", {}), ("int8 QInt8 per-channel", {"per_channel": True})):
-        variant = _requantized(folder, kw)
+    out["accuracy"][f"int8 as built ({_int8_method(folder)})"] = evaluate.classification_accuracy(folder, "int8", sp.heldout)
+    for name, wt, kw in (("int8 QUInt8", "quint8", {}), ("int8 QInt8", "qint8", {}),
+                         ("int8 QInt8 per-channel", "qint8", {"per_channel": True})):
+        variant = artifacts.requantized(folder, wt, **kw)
         out["accuracy"][name] = evaluate.classification_accuracy(variant, "int8", sp.heldout)
-    return out
-
-
-def _requantized(folder, kw: dict):
-    """A copy of `folder` whose int8 graph is its fp32 graph quantized with QInt8 weights (built once)."""
-    import json
-    import os
-    import shutil
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = artifacts.variant_dir(folder, f"qint8{'-per-channel' if kw.get('per_channel') else ''}")
-    if (out / "onnxpipe.json").exists():
-        return out
-    tmp = artifacts.variant_scratch(folder, out)
-    shutil.copy2(folder / "model.onnx", tmp / "model.onnx")
-    quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **kw)
-    manifest = json.loads((tmp / "onnxpipe.json").read_text())
-    manifest["files"]["model"]["int8"].update({"sha256": None, "bytes": (tmp / "model.int8.onnx").stat().st_size})
-    (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out)
     return out
 
 

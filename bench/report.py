@@ -7,7 +7,7 @@ from .contenders import REFERENCE
 from .timing import fmt_ms
 
 ONNX_FP32 = ("onnxpipe fp32", "onnxpipe fp32 fused")
-ONNX_INT8 = ("onnxpipe int8", "onnxpipe int8 fused", "onnxpipe int8 fused (QInt8 per-channel)")
+ONNX_INT8 = ("onnxpipe int8 (QUInt8)", "onnxpipe int8 fused (QInt8 per-channel)")
 
 
 def write(results: dict, md_path: Path, png_path: Path) -> None:
@@ -37,7 +37,7 @@ def targets(results: dict) -> list[dict]:
                 s["p50"] <= 1.1 * r["floor_ms"])
         name, s = _best(r, ONNX_INT8)
         if s and s.get("speedup_vs_torch"):
-            acc = _default_accuracy(results, "text-classification", per_channel_qint8="QInt8" in name)
+            acc = _default_accuracy(results, "text-classification", name)
             acc_txt = (f"; held-out accuracy fp32 {acc[0]:.3f} / int8 {acc[1]:.3f}" if acc else "; no held-out accuracy")
             sp = s["speedup_vs_torch"]["median"]
             add("int8 classification b1 L128 >= 2.5x transformers+torch, accuracy within 1 point",
@@ -103,15 +103,12 @@ def _best(row: dict, names) -> tuple[str | None, dict | None]:
     return min(found, key=lambda kv: kv[1]["p50"])
 
 
-def _default_accuracy(results: dict, task: str, per_channel_qint8: bool = False):
-    """(fp32, int8) held-out accuracy of the default classifier, for the int8 weight type the contender used."""
-    if per_channel_qint8:
-        acc = ((results.get("fidelity") or {}).get("sentiment_weight_types") or {}).get("accuracy", {})
-        return (acc["fp32"], acc["int8 QInt8 per-channel"]) if "int8 QInt8 per-channel" in acc else None
-    for d in (results.get("fidelity") or {}).get("defaults", []):
-        ev = d.get("evaluation") or {}
-        if task in d.get("tasks", []) and ev.get("metric") == "accuracy":
-            return ev["scores"]["fp32"], ev["scores"]["int8"]
+def _default_accuracy(results: dict, task: str, contender: str):
+    """(fp32, int8) held-out accuracy of the default classifier with the int8 weights `contender` uses."""
+    acc = ((results.get("fidelity") or {}).get("sentiment_weight_types") or {}).get("accuracy", {})
+    key = "int8 QInt8 per-channel" if "QInt8 per-channel" in contender else "int8 QUInt8" if "QUInt8" in contender else None
+    if key in acc:
+        return acc["fp32"], acc[key]
     return None
 
 
