@@ -110,20 +110,28 @@ def test_each_task_answers_what_its_pipeline_returns(server, pipes, name, inputs
 def test_concurrent_requests_batched_together_each_get_their_own_answer(server, pipes, name):
     cases = [(n, _fill_mask(i, pipes[n].tokenizer.mask_token or ""), p) for n, i, p in CASES.values() if n == name]
     cases = cases * 2  # enough requests with equal parameters to share batches
-    before = server.metrics()
 
     async def send_all():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             return await asyncio.gather(*(client.post(f"/v1/models/{name}", json={"inputs": i, "parameters": p})
                                           for _, i, p in cases))
 
-    for (_, inputs, parameters), r in zip(cases, asyncio.run(send_all())):
-        assert r.status_code == 200, r.text
-        # In a batch, inputs are padded to the longest: scores move by float rounding only.
-        assert_results_close(r.json(), roundtrip(pipes[name](inputs, **parameters)), atol=1e-5, where=repr(inputs))
-    after = server.metrics()
-    batches = metric(after, "onnxpipe_batch_size_count", model=name) - metric(before, "onnxpipe_batch_size_count", model=name)
-    assert batches < len(cases), "no two concurrent requests shared a batch"
+    # Whether a burst shares a batch depends on timing (a lone request runs at once, and a loaded
+    # machine can serialise the clients): every burst's answers are checked, and one of a few bursts
+    # must have shared a batch.
+    shared = False
+    for _ in range(5):
+        before = server.metrics()
+        for (_, inputs, parameters), r in zip(cases, asyncio.run(send_all())):
+            assert r.status_code == 200, r.text
+            # In a batch, inputs are padded to the longest: scores move by float rounding only.
+            assert_results_close(r.json(), roundtrip(pipes[name](inputs, **parameters)), atol=1e-5, where=repr(inputs))
+        after = server.metrics()
+        batches = metric(after, "onnxpipe_batch_size_count", model=name) - metric(before, "onnxpipe_batch_size_count", model=name)
+        if batches < len(cases):
+            shared = True
+            break
+    assert shared, "no two concurrent requests shared a batch in 5 bursts"
 
 
 def _events(response) -> list:
