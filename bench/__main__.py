@@ -32,16 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few repetitions, small subset (a sanity check)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="intra-op threads for every contender (default: %(default)s)")
-    parser.add_argument("--report", metavar="JSON", help="only re-render latest.md / latest.png from a saved run")
+    parser.add_argument("--report", metavar="JSON", nargs="+",
+                        help="only re-render latest.md / latest.png from saved run(s); several runs of different "
+                             "cases are merged into one report (the first one's machine limits are kept)")
     parser.add_argument("--readme", action="store_true", help="with --report: also rewrite the README's Benchmarks section")
     args = parser.parse_args(argv)
 
     from . import report
 
     if args.report:
-        results = json.loads(Path(args.report).read_text())
+        results = merge_runs([json.loads(Path(p).read_text()) for p in args.report], args.report)
         results["targets"] = report.targets(results)  # a partial run has none yet
-        out = Path(args.report).parent
+        out = Path(args.report[0]).parent
         report.write(results, out / "latest.md", out / "latest.png")
         print(f"wrote {out / 'latest.md'} and {out / 'latest.png'}")
         if args.readme:
@@ -66,6 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and cases == list(CASES) and only is None and report.update_readme(results, README):
         print(f"updated the Benchmarks section of {README}")
     return 0
+
+
+def merge_runs(runs: list[dict], names: list[str]) -> dict:
+    """One results dict from runs of different cases: each section comes from the first run that has it."""
+    merged = {"meta": dict(runs[0]["meta"])}
+    if len(runs) > 1:
+        merged["meta"]["parts"] = [{"file": Path(n).name, "cases": [k for k in r if k in CASES or k == "limits_end"],
+                                    "started": r["meta"]["started"], "finished": r["meta"].get("finished"),
+                                    "loadavg_start": r["meta"]["loadavg_start"], "loadavg_end": r["meta"].get("loadavg_end")}
+                                   for n, r in zip(names, runs)]
+        merged["meta"]["command"] = "python -m bench --report " + " ".join(Path(n).name for n in names)
+        merged["meta"]["started"] = min(r["meta"]["started"] for r in runs)
+        merged["meta"]["finished"] = max(r["meta"].get("finished") or "" for r in runs)
+        merged["meta"]["duration_s"] = sum(r["meta"].get("duration_s") or 0 for r in runs)
+        merged["meta"]["loadavg_end"] = runs[-1]["meta"].get("loadavg_end")
+    for r in runs:
+        for key, value in r.items():
+            if key not in ("meta", "targets") and key not in merged:
+                merged[key] = value
+    return merged
 
 
 def run(cases: list[str], only: list[str] | None, threads: int, quick: bool) -> dict:

@@ -123,6 +123,11 @@ def markdown(results: dict) -> str:
              f"{_load(m.get('loadavg_end'))}: other jobs shared the machine, so compare contenders within a row "
              "(measured interleaved) rather than across runs.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".", ""]
+    for part in m.get("parts", []):
+        lines.insert(-1, f"- part `{part['file']}` ({', '.join(part['cases'])}): {part['started']} → {part['finished']}, "
+                         f"load average {_load(part['loadavg_start'])} → {_load(part['loadavg_end'])}")
+    if m.get("parts"):
+        lines.insert(-1 - len(m["parts"]), "This report merges runs of different cases (`--report A.json B.json ...`):")
     lim = results.get("limits")
     if lim:
         end = results.get("limits_end")

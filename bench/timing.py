@@ -1,6 +1,6 @@
 """Interleaved timing of several contenders on one case, and the statistics every table uses.
 
-Contenders take turns call by call (A B C A B C ..., the order rotated each round) so that
+Contenders take turns call by call (A B C, C A B, ...: a seeded shuffle each round) so that
 whatever else the machine is doing at a moment hits them all alike; speed-ups against the
 reference are taken round by round (same moment, same inputs) and their median reported.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import time
 from typing import Callable
 
@@ -43,7 +44,9 @@ def time_interleaved(calls: dict[str, Callable[[], object]], *, budget_s: float,
     gc.disable()
     try:
         for r in range(reps):
-            order = names[r % len(names):] + names[:r % len(names)]
+            # a fresh seeded order each round: a rotation would keep each contender behind the same neighbour
+            # (whose thread pool may still be spinning) in every round
+            order = random.Random(r).sample(names, len(names))
             for name in order:
                 time.sleep(GAP_S)
                 t0 = time.perf_counter()
