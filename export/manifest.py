@@ -5,10 +5,11 @@ The fields are described in docs/MANIFEST.md.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import platform
 from pathlib import Path
+
+from onnxpipe.models.sources import sha256_file  # one hashing helper for exports and model builds
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "onnxpipe.json"
@@ -60,14 +61,6 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=_json_default) + "\n",
                                      encoding="utf-8")
     return manifest
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _file_entry(out: Path, name: str) -> dict:

@@ -1,15 +1,13 @@
 """Dynamic int8 quantization of the exported graphs, written beside the fp32 files."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
 
-log = logging.getLogger("onnxpipe.export")
 
-
-def quantize_int8(out_dir: Path, roles: dict, weight_type: str = "quint8", per_channel: bool = False,
-                  reduce_range: bool = False) -> dict[str, str]:
+def quantize_int8(out_dir: Path, roles: dict, *, weight_type: str, per_channel: bool, reduce_range: bool) -> dict[str, str]:
     """Write `<name>.int8.onnx` for each role; return role -> int8 file name."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -19,8 +17,7 @@ def quantize_int8(out_dir: Path, roles: dict, weight_type: str = "quint8", per_c
     for role, name in roles.items():
         src = out_dir / name
         dst = out_dir / name.replace(".onnx", ".int8.onnx")
-        with warnings.catch_warnings(), _quiet_root_logger():
-            warnings.simplefilter("ignore")
+        with _quiet():
             # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
             quantize_dynamic(str(src), str(dst), weight_type=wt, per_channel=per_channel, reduce_range=reduce_range,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -38,8 +35,7 @@ def quantize_int4(out_dir: Path, roles: dict, block_size: int = 32, accuracy_lev
     for role, name in roles.items():
         src = out_dir / name
         dst = out_dir / name.replace(".onnx", ".int4.onnx")
-        with warnings.catch_warnings(), _quiet_root_logger():
-            warnings.simplefilter("ignore")
+        with _quiet():
             cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
             quant = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=cfg)
             quant.process()
@@ -48,12 +44,14 @@ def quantize_int4(out_dir: Path, roles: dict, block_size: int = 32, accuracy_lev
     return int4
 
 
-class _quiet_root_logger:
-    """quantize_dynamic logs a pre-processing hint on the root logger at every call."""
-
-    def __enter__(self):
-        self.level = logging.root.level
-        logging.root.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        logging.root.setLevel(self.level)
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantizers warn, and log a pre-processing hint on the root logger, at every call."""
+    level = logging.root.level
+    logging.root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.root.setLevel(level)

@@ -157,7 +157,7 @@ def _decoder_cases(model, tokenizer, sess):
                 for i, (k, v) in enumerate(_cache_layers(torch_cache)):
                     for kind, t in (("key", k), ("value", v)):
                         yield "model", f"{case},{name}", f"present.{i}.{kind}", t.numpy(), got[f"present.{i}.{kind}"], \
-                            _kv_mask(mask)
+                            mask
                 past = {n: got[n.replace("past_key_values", "present")] for n in past_names}
                 nxt = np.argmax(got["logits"][:, -1], -1)[:, None].astype(np.int64)
                 step_ids = nxt
@@ -248,20 +248,14 @@ def _cache_layers(cache):
     return cache
 
 
-def _kv_mask(mask):
-    return ("kv", mask)
-
-
 def _masked_rows(x, mask):
     """Rows (positions) of x that are real tokens, flattened to [n, last_dim]."""
     if mask is None:
         return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x[None]
-    if isinstance(mask, tuple):  # kv layout [batch, heads, seq, head_dim]: mask on axis 2
-        m = mask[1].astype(bool)
-        if x.ndim == 4 and x.shape[2] == m.shape[1]:
-            return np.concatenate([x[b][:, m[b]].reshape(-1, x.shape[-1]) for b in range(x.shape[0])])
-        return x.reshape(-1, x.shape[-1])
     m = mask.astype(bool)
+    if x.ndim == 4 and x.shape[0] == m.shape[0] and x.shape[2] == m.shape[1]:
+        # KV cache [batch, heads, seq, head_dim]: the mask is on axis 2
+        return np.concatenate([x[b][:, m[b]].reshape(-1, x.shape[-1]) for b in range(x.shape[0])])
     if x.ndim >= 2 and x.shape[:2] == m.shape:
         return x[m].reshape(-1, x.shape[-1]) if x.ndim > 2 else x[m][:, None]
     return x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x[None]
