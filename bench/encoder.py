@@ -9,13 +9,15 @@ import gc
 
 from . import artifacts, contenders as C
 from .inputs import qa_pairs, texts_of_length
-from .limits import encoder_gflop, gemm_now
+from .limits import encoder_gemm_floor_ms, encoder_gflop, gemm_now
 from .timing import paired_speedup, summarize, time_interleaved
 
-SHAPES = {"bert": dict(layers=12, hidden=768, intermediate=3072), "distilbert": dict(layers=6, hidden=768, intermediate=3072)}
+SHAPES = {"bert": dict(layers=12, hidden=768, intermediate=3072), "distilbert": dict(layers=6, hidden=768, intermediate=3072),
+          "default": dict(layers=6, hidden=384, intermediate=1536)}  # the real defaults: MiniLM-L6
 # (arch, task) groups and their shapes: (batch, length). Quick mode: one group, two shapes.
 FULL_GROUPS = [("bert", "text-classification"), ("distilbert", "text-classification"),
-               ("bert", "token-classification"), ("bert", "question-answering")]
+               ("bert", "token-classification"), ("bert", "question-answering"),
+               ("default", "text-classification"), ("default", "token-classification")]
 FULL_SHAPES = [(1, 16), (1, 128), (1, 512), (32, 128)]
 QUICK_GROUPS = [("bert", "text-classification")]
 QUICK_SHAPES = [(1, 16), (1, 128), (32, 128)]
@@ -28,8 +30,8 @@ def run(threads: int, quick: bool, gemm_gflops: float | None, only: list[str] | 
     mode = "quick" if quick else "full"
     groups = QUICK_GROUPS if quick else FULL_GROUPS
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
-    if only:
-        groups = [g for g in groups if any(o in (g[0], g[1], f"{g[0]}-{g[1]}") for o in only)] or groups
+    if only:  # a filter picks from every group, also in a quick run
+        groups = [g for g in FULL_GROUPS if any(o in (g[0], g[1], f"{g[0]}-{g[1]}") for o in only)] or groups
     results = []
     for arch, task in groups:
         results += _run_group(arch, task, shapes, threads, mode, gemm_gflops)
@@ -37,10 +39,18 @@ def run(threads: int, quick: bool, gemm_gflops: float | None, only: list[str] | 
 
 
 def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
-    ckpt = artifacts.checkpoint(arch, task)
-    plain, opt = artifacts.export(arch, task), artifacts.export(arch, task, optimized=True)
+    if arch == "default":  # the built-in default model (real weights), as `onnxpipe.pipeline(task)` serves it
+        plain = artifacts.default_export(task)
+        ckpt = artifacts.default_checkpoint(task)
+        contenders = C.default_contenders(task, ckpt, plain, threads)
+        label = f"{plain.name} (real default)"
+    else:
+        ckpt = artifacts.checkpoint(arch, task)
+        plain, opt = artifacts.export(arch, task), artifacts.export(arch, task, optimized=True)
+        contenders = C.encoder_contenders(task, ckpt, plain, opt, threads)
+        label = f"{arch}-base"
     built, errors = {}, {}
-    for name, build in C.encoder_contenders(task, ckpt, plain, opt, threads).items():
+    for name, build in contenders.items():
         try:
             built[name] = build()
         except Exception as e:  # a contender that cannot load this model is reported, not fatal
@@ -60,9 +70,12 @@ def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
         # the GEMM rate measured just after the case: the machine as the contenders found it
         gemm_case = gemm_now(threads)
         floor_ms = flops / gemm_case * 1e3
+        # and the model's own matmuls, each timed at its shape (the floor a whole model can approach)
+        shaped = encoder_gemm_floor_ms(seq=length, batch=batch, threads=threads, **SHAPES[arch])
         ref = times.get(C.REFERENCE)
-        row = {"model": f"{arch}-base", "arch": arch, "task": task, "batch": batch, "length": length,
+        row = {"model": label, "arch": arch, "task": task, "batch": batch, "length": length,
                "gflop": flops, "floor_ms": floor_ms, "gemm_gflops_case": gemm_case,
+               "floor_shapes_ms": shaped["floor_ms"], "floor_shapes_per_layer_ms": shaped["per_layer_ms"],
                "floor_ms_run_start": flops / gemm_gflops * 1e3 if gemm_gflops else None,
                "errors": case_errors, "contenders": {}}
         for name, t in times.items():
@@ -73,6 +86,7 @@ def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
                 s["items_per_s"] = batch / (s["p50"] / 1e3)
             if floor_ms:
                 s["floor_over_p50"] = floor_ms / s["p50"]
+                s["shape_floor_over_p50"] = shaped["floor_ms"] / s["p50"]
             row["contenders"][name] = s
         rows.append(row)
     del built

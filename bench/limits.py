@@ -49,6 +49,65 @@ def encoder_gflop(layers: int, hidden: int, intermediate: int, seq: int, batch: 
     return batch * layers * per_layer / 1e9
 
 
+def encoder_gemm_floor_ms(layers: int, hidden: int, intermediate: int, seq: int, batch: int, threads: int,
+                          heads: int = 12) -> dict:
+    """The same encoder's matmuls, each timed alone in ONNX Runtime (MLAS) at its own shape: the compute floor
+    for this model at this size on this machine.
+
+    `encoder_gflop / best GEMM rate` assumes every matmul runs at the rate of the most favourable shape;
+    BERT's 128x768x768 projections and its (seq x 64) attention products run slower than a 512x768x3072
+    GEMM, so this floor is the one a whole model can approach. Both are reported.
+    """
+    rows = batch * seq
+    head_dim = hidden // heads
+    parts = {  # name: (ms per call, calls per layer)
+        "projection HxH (Q, K, V, output)": (_ort_gemm_ms(rows, hidden, hidden, threads), 4),
+        "FFN in HxI": (_ort_gemm_ms(rows, hidden, intermediate, threads), 1),
+        "FFN out IxH": (_ort_gemm_ms(rows, intermediate, hidden, threads), 1),
+        "attention scores QK^T": (_ort_batched_ms(batch * heads, seq, head_dim, seq, threads), 1),
+        "attention mix PV": (_ort_batched_ms(batch * heads, seq, seq, head_dim, threads), 1),
+    }
+    total = layers * sum(ms * n for ms, n in parts.values())
+    return {"floor_ms": total, "per_layer_ms": {k: ms * n for k, (ms, n) in parts.items()}}
+
+
+def _ort_gemm_ms(m: int, k: int, n: int, threads: int) -> float:
+    """Median ms of one [m,k] x [k,n] MatMul with a constant weight (prepacked, as in the model)."""
+    rate = _ort_gemm(m, k, n, threads, reps=5)["p50"]
+    return 2.0 * m * k * n / (rate * 1e9) * 1e3
+
+
+def _ort_batched_ms(b: int, m: int, k: int, n: int, threads: int) -> float:
+    """Median ms of a batched [b,m,k] x [b,k,n] MatMul of two activations (attention's products)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    key = ("batched", b, m, k, n, threads)
+    if key not in _SESSIONS:
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "bmm",
+                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [b, m, k]),
+                                   helper.make_tensor_value_info("b", TensorProto.FLOAT, [b, k, n])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, m, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _SESSIONS[key]
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((b, m, k), dtype=np.float32), "b": rng.standard_normal((b, k, n), dtype=np.float32)}
+    sess.run(None, feeds)
+    inner = max(1, int(5e8 // (2.0 * b * m * k * n)))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) / inner * 1e3)
+    return float(np.median(times))
+
+
 _SESSIONS: dict = {}
 
 
