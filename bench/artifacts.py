@@ -174,13 +174,11 @@ def requantized(folder: Path, weight_type: str = "qint8", per_channel: bool = Fa
 
 
 def link_graph(src_dir: Path, name: str, dst_dir: Path) -> None:
-    """Hard-link (or copy) graph `name` and its external weights file from `src_dir` into `dst_dir`."""
+    """Copy graph `name` and its external weights file from `src_dir` into `dst_dir` (a copy, not a hard link:
+    onnx refuses to read an external-data file with several links, as a possible hard-link attack)."""
     for f in (src_dir / name, src_dir / (name + ".data")):
         if f.exists():
-            if _same_fs(src_dir, dst_dir):
-                os.link(f, dst_dir / f.name)
-            else:
-                shutil.copy2(f, dst_dir / f.name)
+            shutil.copy2(f, dst_dir / f.name)
 
 
 def variant_dir(src: Path, what: str) -> Path:
@@ -201,10 +199,6 @@ def variant_scratch(src: Path, out: Path) -> Path:
         if p.is_file() and ".onnx" not in p.name:
             shutil.copy2(p, tmp / p.name)
     return tmp
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
 
 
 def model_bytes(path: Path) -> int:

@@ -59,7 +59,10 @@ def pipeline(task: str | None = None, model=None, *, device="cpu", precision: st
             raise TypeError(f"model must be a model dir path or a ModelDir, got {type(model).__name__}")
         model = ModelDir(model, precision=precision, device=device, intra_op_num_threads=intra_op_num_threads,
                          inter_op_num_threads=inter_op_num_threads, session_options=session_options)
+    asked = task
     task = normalize_task(task) if task is not None else model.task
     module, cls_name = SUPPORTED_TASKS[task]
     cls = getattr(importlib.import_module(f"onnxpipe.tasks.{module}"), cls_name)
+    if module == "text2text_generation":  # its task_specific_params entry is keyed by the name asked for
+        kwargs.setdefault("task_name", asked if asked and asked.startswith("translation") else task)
     return cls(model, **kwargs)

@@ -115,3 +115,34 @@ def test_input_longer_than_the_encoder_window_is_a_clear_error():
     with pytest.raises(ValueError, match="longer than this model's limit of 256"):
         ours("word " * 400, max_new_tokens=3)
     assert ours("word " * 400, max_new_tokens=3, truncation=True)[0]["summary_text"] is not None
+
+
+# T5's config carries a prefix and per-task generation settings; transformers' pipelines apply them (issue 3's
+# "T5 prefix" gap): the prefix is prepended to every input, the task's entry overrides generation options.
+T5_TASK_PARAMS = {
+    "summarization": {"early_stopping": True, "length_penalty": 2.0, "max_length": 20, "min_length": 3,
+                      "no_repeat_ngram_size": 3, "num_beams": 4, "prefix": "summarize: "},
+    "translation_en_to_de": {"early_stopping": True, "max_length": 16, "num_beams": 4,
+                             "prefix": "translate English to German: "},
+    "translation_en_to_fr": {"early_stopping": True, "max_length": 12, "num_beams": 2,
+                             "prefix": "translate English to French: "},
+}
+
+
+@pytest.mark.parametrize("task", ["text2text-generation", "summarization", "translation_en_to_fr", "translation"])
+@pytest.mark.parametrize("options", [{}, {"max_new_tokens": 6}])
+def test_t5_prefix_and_task_specific_params_apply_as_in_transformers(task, options):
+    from conftest import tiny_checkpoint, tiny_export
+
+    overrides = {"task_specific_params": T5_TASK_PARAMS, "prefix": "paraphrase: "}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = transformers.pipeline(task, model=str(tiny_checkpoint("t5", "text2text-generation", **overrides)))
+        ours = onnxpipe.pipeline(task, model=tiny_export("t5", "text2text-generation", **overrides))
+        expected = ref(INPUTS["two-texts"], **options)
+    assert ours(INPUTS["two-texts"], **options) == expected
+    prefix = {"text2text-generation": "paraphrase: ", "summarization": "summarize: ",
+              "translation_en_to_fr": "translate English to French: ", "translation": "translate English to German: "}[task]
+    assert ours.prefix == prefix
+    ids = ours.preprocess("hello there")["input_ids"][0].tolist()
+    assert ids == ref.tokenizer(prefix + "hello there")["input_ids"]

@@ -28,8 +28,13 @@ class Text2TextGenerationPipeline(Pipeline):
     default_generation = {"max_new_tokens": 256, "num_beams": 4}
     return_name = "generated"
 
-    def __init__(self, model, **kwargs):
+    def __init__(self, model, task_name: str | None = None, **kwargs):
+        """task_name: the task string the pipeline was asked for (e.g. "translation_en_to_de"), which picks the
+        model's `task_specific_params` entry, as transformers does."""
         self.generator, self.generation_config = Generator.for_pipeline(model, self.default_generation)
+        self.prefix, params = _task_params(model.manifest, task_name or self.task)
+        if params:
+            self.generation_config = self.generation_config.update(**params)
         super().__init__(model, **kwargs)
 
     def __call__(self, inputs, **kwargs):
@@ -70,7 +75,7 @@ class Text2TextGenerationPipeline(Pipeline):
         return pre, fwd, post
 
     def preprocess(self, text, truncation=False):
-        enc = self.tokenizer.encode_batch([text], truncation=truncation or False)[0]
+        enc = self.tokenizer.encode_batch([(self.prefix or "") + text], truncation=truncation or False)[0]
         return {"input_ids": np.array([enc.ids], dtype=np.int64),
                 "attention_mask": np.array([enc.attention_mask], dtype=np.int64)}
 
@@ -101,6 +106,23 @@ class TranslationPipeline(Text2TextGenerationPipeline):
 
     task = "translation"
     return_name = "translation"
+
+
+def _task_params(manifest: dict, task: str) -> tuple[str | None, dict]:
+    """(prefix, generation options) as transformers' pipeline __init__ derives them: `config.prefix`, overridden
+    by the task's `task_specific_params` entry (T5: "summarize: ", "translate English to German: ", beams,
+    lengths); a bare "translation" takes the model's first translation_* entry, as `transformers.pipeline()` does."""
+    from ..generation.config import GLOBAL_DEFAULTS
+
+    prefix = manifest.get("prefix")
+    tsp = manifest.get("task_specific_params") or {}
+    if task == "translation":
+        task = next((k for k in tsp if k.startswith("translation")), task)
+    params = dict(tsp.get(task) or {})
+    if "prefix" in params:
+        prefix = params.pop("prefix")
+    # GenerationConfig.update in transformers keeps the keys it knows and ignores the rest
+    return prefix, {k: v for k, v in params.items() if k in GLOBAL_DEFAULTS}
 
 
 def _check_text(text, name):
