@@ -71,31 +71,29 @@ def externalize_weights(path: Path) -> None:
 
 
 def retie_transposed_weights(model) -> int:
-    """Undo a constant-folded transpose of a tied weight: an initializer that is exactly another one
-    transposed (ONNX Runtime's optimizer folds Transpose(embedding) of a tied LM head into a second
-    copy: +113 MB for SmolLM2) becomes a Transpose node of the original again. Returns how many."""
+    """Undo a constant-folded transpose of a tied weight: a MatMul weight that is exactly a Gather table
+    transposed (ONNX Runtime's optimizer folds Transpose(embedding) of a tied LM head into a second copy:
+    +113 MB for SmolLM2) becomes a Transpose node of the table again. Returns how many."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    by_shape: dict = {}
-    for init in g.initializer:
-        if len(init.dims) == 2 and init.dims[0] * init.dims[1] >= 4096:
-            by_shape.setdefault(tuple(init.dims), []).append(init)
+    tables = {n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in inits}
+    weights = {n.input[1] for n in g.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits}
     count = 0
-    for init in list(g.initializer):
-        if len(init.dims) != 2 or init.dims[0] * init.dims[1] < 4096:
+    for name in sorted(weights - tables):
+        w = inits[name]
+        if len(w.dims) != 2:
             continue
-        for other in by_shape.get((init.dims[1], init.dims[0]), []):
-            if other.name == init.name or other.name not in inits or init.name not in inits:
+        for table in sorted(tables):
+            t = inits[table]
+            if list(t.dims) != [w.dims[1], w.dims[0]]:
                 continue
-            a, b = numpy_helper.to_array(init), numpy_helper.to_array(other)
-            if a.dtype == b.dtype and np.ptp(a) > 0 and np.array_equal(a, b.T):  # (not two constant fills)
-                g.initializer.remove(init)
-                del inits[init.name]
-                g.node.insert(0, helper.make_node("Transpose", [other.name], [init.name], perm=[1, 0],
-                                                  name=f"retied/{init.name}"))
+            a, b = numpy_helper.to_array(w), numpy_helper.to_array(t)
+            if a.dtype == b.dtype and np.array_equal(a, b.T):
+                g.initializer.remove(w)
+                g.node.insert(0, helper.make_node("Transpose", [table], [name], perm=[1, 0], name=f"retied/{name}"))
                 count += 1
                 break
     return count
