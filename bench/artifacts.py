@@ -30,8 +30,8 @@ def checkpoint(arch: str, task: str) -> Path:
 
 
 def current(out: Path) -> bool:
-    """A finished model folder in the export's current format (weights as external data, and decoders'
-    int8 weight-only): a folder from an older export is rebuilt rather than measured."""
+    """A finished model folder in the export's current format (weights as external data, decoders' int8
+    weight-only, Llama attention fused): a folder from an older export is rebuilt rather than measured."""
     import json
 
     from onnxpipe.export.core import WEIGHT_ONLY_INT8_BLOCK
@@ -42,7 +42,8 @@ def current(out: Path) -> bool:
     int8 = (manifest.get("quantization") or {}).get("int8")
     if manifest["task"] != "text-generation" or int8 is None:
         return True
-    optimized = manifest["model_type"] != "llama" or (manifest.get("optimization") or {}).get("applied")
+    opt = manifest.get("optimization") or {}
+    optimized = manifest["model_type"] != "llama" or bool(opt.get("applied") and (opt.get("fused_ops") or {}).get("Attention"))
     return int8["method"].startswith("weight-only") and int8.get("block_size") == WEIGHT_ONLY_INT8_BLOCK and bool(optimized)
 
 

@@ -413,6 +413,13 @@ def test_optimize_fuses_llama_norms_and_generates_the_same_tokens():
     plain, fused = tiny_export("llama", "text-generation"), tiny_export("llama", "text-generation", optimize=True)
     opt = _manifest(fused)["optimization"]
     assert opt["applied"] and opt["fused_ops"]["SkipSimplifiedLayerNormalization"] > 0
+    # every layer's attention and both of its rotary embeddings are one node each (ONNX opset 23)
+    layers = len(_manifest(fused)["kv_cache"]["past_names"]) // 2
+    assert opt["fused_ops"]["Attention"] == layers and opt["fused_ops"]["RotaryEmbedding"] == 2 * layers
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(fused / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Attention") == layers and ops.count("RotaryEmbedding") == 2 * layers and "Softmax" not in ops
     assert opt["nodes_after"] < opt["nodes_before"] and _manifest(fused)["validation"]["passed"]
     # the tied LM head stays tied on disk (ONNX Runtime's optimizer folds Transpose(embedding) into a second copy)
     assert _manifest(fused)["files"]["model"]["fp32"]["external_data"]["bytes"] <= \
