@@ -91,7 +91,13 @@ def merge_runs(runs: list[dict], names: list[str]) -> dict:
 
 
 def run(cases: list[str], only: list[str] | None, threads: int, quick: bool) -> dict:
+    from onnxpipe.session import share_thread_pool
+
+    # Every ONNX Runtime contender (onnxpipe's and Optimum's) runs on one shared pool of `threads` threads:
+    # a pool per session, seven of them in one process, slowed whichever contender ran next (runtime/session.py).
+    share_thread_pool(threads)
     meta = machine_info(threads, quick)
+    meta["ort_thread_pool"] = f"one shared intra-op pool of {threads} threads for every ONNX Runtime session"
     meta["cases"], meta["filters"] = cases, only
     results: dict = {"meta": meta}
     t_start = time.time()

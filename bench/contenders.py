@@ -66,8 +66,9 @@ def optimum_pipeline(task: str, export_dir: Path, threads: int):
     import transformers
     import optimum.onnxruntime as ortm
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    from onnxpipe.session import on_process_pool
+
+    so = on_process_pool(ort.SessionOptions(), threads)
     so.log_severity_level = 3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

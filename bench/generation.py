@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 
 from . import artifacts, contenders as C
-from .limits import bandwidth_now
+from .limits import bandwidth_now, decode_matmul_floor_ms
 from .timing import GAP_S, paired_speedup, summarize
 
 # The export's int8 for decoders is weight-only 8-bit MatMulNBits; dynamic int8 (what the export wrote
@@ -106,8 +106,11 @@ def _run_model(name, threads, quick, plan, bandwidth_gbs) -> list[dict]:
                 time.sleep(GAP_S)
                 stamps[cname].append(calls[cname](ids, mask, new_tokens))
         bw_case = bandwidth_now(threads)  # the machine as the contenders found it
+        # and the fp32 step's weight MatMuls alone through ONNX Runtime's kernels: the floor of any ORT decoder
+        mm_floor = decode_matmul_floor_ms(export / "model.onnx", threads, batch=batch)
         row = {"model": label, "key": name, "batch": batch, "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens,
                "weight_bytes_streamed": weight_bytes, "bandwidth_gbs": bw_case, "bandwidth_gbs_run_start": bandwidth_gbs,
+               "matmul_floor_fp32": mm_floor,
                "errors": case_errors,
                "export": str(export), "prefill_last_logits_only": _has_logits_to_keep(export),
                "contenders": {}}
@@ -120,6 +123,8 @@ def _run_model(name, threads, quick, plan, bandwidth_gbs) -> list[dict]:
                 ceiling = bw_case * 1e9 / wb  # one pass over the weights per decode step
                 row["contenders"][cname]["ceiling_steps_per_s"] = ceiling
                 row["contenders"][cname]["of_ceiling"] = row["contenders"][cname]["steps_per_s"] / ceiling
+            if precision == "fp32":
+                row["contenders"][cname]["of_matmul_ceiling"] = row["contenders"][cname]["steps_per_s"] * mm_floor["p50_ms"] / 1e3
         rows.append(row)
     del built, calls
     gc.collect()
@@ -204,8 +209,9 @@ class OptimumGen(TorchGen):
         import torch
         from optimum.onnxruntime import ORTModelForCausalLM
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        from onnxpipe.session import on_process_pool
+
+        so = on_process_pool(ort.SessionOptions(), threads)
         so.log_severity_level = 3
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from onnxpipe.session import on_process_pool
+
 from .timing import summarize
 
 
@@ -90,8 +92,7 @@ def _ort_batched_ms(b: int, m: int, k: int, n: int, threads: int) -> float:
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, m, n])])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        so = on_process_pool(ort.SessionOptions(), threads)
         so.log_severity_level = 3
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     sess = _SESSIONS[key]
@@ -139,8 +140,7 @@ def _gemm_session(m: int, k: int, n: int, threads: int, rng):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
+    so = on_process_pool(ort.SessionOptions(), threads)
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -181,3 +181,52 @@ def _bandwidth(threads: int, mib: int, reps: int) -> dict:
 
     return {"mib": mib, "one_thread": summarize([one() for _ in range(reps)], scale=1.0),
             "threads": summarize([split() for _ in range(reps)], scale=1.0)}
+
+
+def decode_matmul_floor_ms(onnx_path, threads: int, batch: int = 1, reps: int = 7) -> dict:
+    """A decode step's weight MatMuls alone, through ONNX Runtime's kernels: every MatMul of the graph whose
+    weight is a float32 initializer (or a Transpose of one: a tied LM head), at its shape, fed `batch` rows,
+    in one session. What an ORT decoder cannot beat, next to the bandwidth ceiling (which assumes a kernel
+    streaming weights at the machine's full read rate)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    shapes = []
+    for node in g.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        w, t = node.input[1], producer.get(node.input[1])
+        if w in inits and inits[w].data_type == TensorProto.FLOAT and len(inits[w].dims) == 2:
+            shapes.append(tuple(inits[w].dims))
+        elif t is not None and t.op_type == "Transpose" and t.input[0] in inits and len(inits[t.input[0]].dims) == 2:
+            shapes.append(tuple(inits[t.input[0]].dims[::-1]))
+    rng = np.random.default_rng(0)
+    nodes, weights, inputs, outputs = [], [], {}, []
+    for i, (k, n) in enumerate(shapes):
+        weights.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{i}"))
+        inputs.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [batch, k]))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [batch, n]))
+    graph = helper.make_graph(nodes, "decode_matmuls", list(inputs.values()), outputs, weights)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    so = on_process_pool(ort.SessionOptions(), threads)
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {f"x{k}": rng.standard_normal((batch, k), dtype=np.float32) for k in inputs}
+    for _ in range(3):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    weight_bytes = sum(4 * k * n for k, n in shapes)
+    p50 = float(np.median(times))
+    return {"matmuls": len(shapes), "weight_bytes": weight_bytes, "p50_ms": p50, "min_ms": float(min(times)),
+            "gbs": weight_bytes / (p50 / 1e3) / 1e9}

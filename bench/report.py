@@ -62,8 +62,12 @@ def targets(results: dict) -> list[dict]:
             continue
         fp = g["contenders"].get("onnxpipe fp32")
         if fp and fp.get("of_ceiling"):
+            mm = g.get("matmul_floor_fp32")
+            mm_txt = (f"; the step's {mm['matmuls']} weight MatMuls alone take {mm['p50_ms']:.1f} ms in ONNX Runtime "
+                      f"({mm['gbs']:.1f} GB/s, a ceiling of {1e3 / mm['p50_ms']:.1f} steps/s: onnxpipe reaches "
+                      f"{fp.get('of_matmul_ceiling', 0):.0%} of it)" if mm else "")
             add("SmolLM2 decode b1 fp32 >= 80% of the bandwidth ceiling",
-                f"{fp['steps_per_s']:.1f} tok/s vs ceiling {fp['ceiling_steps_per_s']:.1f} ({fp['of_ceiling']:.0%})",
+                f"{fp['steps_per_s']:.1f} tok/s vs ceiling {fp['ceiling_steps_per_s']:.1f} ({fp['of_ceiling']:.0%}){mm_txt}",
                 fp["of_ceiling"] >= 0.8)
         ppl = (results.get("fidelity", {}).get("smollm2") or {}).get("perplexity", {})
         base = ppl.get("onnxpipe fp32", {}).get("ppl")
@@ -85,13 +89,18 @@ def targets(results: dict) -> list[dict]:
                 "no: the export computes logits for every prompt position", keeps)
     cs = results.get("coldstart", {}).get("contenders", {})
     if "onnxpipe fp32" in cs and REFERENCE in cs:
-        o, t = cs["onnxpipe fp32"], cs[REFERENCE]
-        add("cold start to first BERT-base result (fp32) <= 1/8 of transformers'",
-            f"{o['first_result_s']:.2f} s vs {t['first_result_s']:.2f} s (1/{t['first_result_s'] / o['first_result_s']:.1f})",
-            o["first_result_s"] <= t["first_result_s"] / 8)
+        t = cs[REFERENCE]
         mb = results["coldstart"]["model_bytes"]["fp32"] / 2**20
-        add("peak RSS <= model file + 150 MB", f"{o['peak_rss_mib']:.0f} MiB vs {mb:.0f} + 150 MiB",
-            o["peak_rss_mib"] <= mb + 150 * 1e6 / 2**20)
+        # the default load, and the same model with onnxpipe's session cache (an option a user turns on)
+        for name in ("onnxpipe fp32", "onnxpipe fp32, session cache"):
+            o = cs.get(name)
+            if o is None:
+                continue
+            add(f"cold start to first BERT-base result ({name}) <= 1/8 of transformers'",
+                f"{o['first_result_s']:.2f} s vs {t['first_result_s']:.2f} s (1/{t['first_result_s'] / o['first_result_s']:.1f})",
+                o["first_result_s"] <= t["first_result_s"] / 8)
+            add(f"peak RSS ({name}) <= model file + 150 MB", f"{o['peak_rss_mib']:.0f} MiB vs {mb:.0f} + 150 MiB",
+                o["peak_rss_mib"] <= mb + 150 * 1e6 / 2**20)
     size = results.get("size")
     if size and "ratio" in size:
         add("serve-time install <= 1/4 of transformers+torch", f"{size['serve_bytes'] / 1e6:.0f} MB vs "
@@ -217,7 +226,11 @@ def _generation_md(rows: list[dict]) -> list[str]:
     for g in rows:
         wb = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in g["weight_bytes_streamed"].items())
         out += [f"### {g['model']}, batch {g['batch']}", "",
-                f"Weights streamed per step: {wb}; read bandwidth after the case {g['bandwidth_gbs']:.1f} GB/s.", "",
+                f"Weights streamed per step: {wb}; read bandwidth after the case {g['bandwidth_gbs']:.1f} GB/s."
+                + (f" The fp32 step's {g['matmul_floor_fp32']['matmuls']} weight MatMuls alone, in one ONNX Runtime "
+                   f"session: {g['matmul_floor_fp32']['p50_ms']:.1f} ms ({g['matmul_floor_fp32']['gbs']:.1f} GB/s), "
+                   f"a kernel ceiling of {1e3 / g['matmul_floor_fp32']['p50_ms']:.0f} steps/s."
+                   if g.get("matmul_floor_fp32") else ""), "",
                 "| contender | prefill p50 | decode tok/s (64) | decode tok/s (256) | step p50 | of bandwidth ceiling |",
                 "|---|---|---|---|---|---|"]
         for n, c in g["contenders"].items():

@@ -221,7 +221,9 @@ def _seq2seq_cases(model, tokenizer, sessions):
 def _session(path):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
+    from onnxpipe.session import on_process_pool
+
+    so = on_process_pool(ort.SessionOptions())
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 

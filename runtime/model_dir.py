@@ -22,7 +22,7 @@ class ModelDir:
 
     def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", device: str = "cpu",
                  intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
-                 session_options=None):
+                 session_options=None, session_cache=None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if precision not in PRECISIONS:
@@ -34,7 +34,8 @@ class ModelDir:
         self.precision = precision
         self.device = device
         self._session_kwargs = dict(device=device, intra_op_num_threads=intra_op_num_threads,
-                                    inter_op_num_threads=inter_op_num_threads, session_options=session_options)
+                                    inter_op_num_threads=inter_op_num_threads, session_options=session_options,
+                                    session_cache=session_cache)
         self.tokenizer = Tokenizer(self.path / self.manifest["tokenizer"].get("file", "tokenizer.json"),
                                    self.manifest["tokenizer"])
         self._sessions: dict[str, Session] = {}

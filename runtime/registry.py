@@ -39,12 +39,14 @@ def normalize_task(task: str) -> str:
 
 def pipeline(task: str | None = None, model=None, *, device="cpu", precision: str = "fp32",
              intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
-             session_options=None, **kwargs):
+             session_options=None, session_cache=None, **kwargs):
     """Build a pipeline for `task` from an exported model folder, like `transformers.pipeline`.
 
     model: a folder written by `onnxpipe export` (or a loaded ModelDir); None takes the task's
     built-in default (built on first use). device: 'cpu', 'cuda' or 'cuda:N'.
     precision: 'fp32' or 'int8' (needs an export with --quantize int8).
+    session_cache: a folder (or $ONNXPIPE_SESSION_CACHE) where CPU sessions keep the graph as ONNX Runtime
+    optimized it for this CPU, weights pre-packed, so later loads skip both (faster cold start; see Session).
     """
     from .model_dir import ModelDir
 
@@ -58,7 +60,8 @@ def pipeline(task: str | None = None, model=None, *, device="cpu", precision: st
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a model dir path or a ModelDir, got {type(model).__name__}")
         model = ModelDir(model, precision=precision, device=device, intra_op_num_threads=intra_op_num_threads,
-                         inter_op_num_threads=inter_op_num_threads, session_options=session_options)
+                         inter_op_num_threads=inter_op_num_threads, session_options=session_options,
+                         session_cache=session_cache)
     asked = task
     task = normalize_task(task) if task is not None else model.task
     module, cls_name = SUPPORTED_TASKS[task]

@@ -91,3 +91,96 @@ def test_cuda_session_runs_on_cuda_and_matches_cpu(tiny):
     a, b = cpu("hello world", top_k=None), gpu("hello world", top_k=None)
     assert [x["label"] for x in a] == [x["label"] for x in b]
     assert np.allclose([x["score"] for x in a], [x["score"] for x in b], atol=1e-4)
+
+
+def _bert_feeds():
+    return {"input_ids": np.array([[2, 5, 9, 3], [2, 7, 3, 0]]), "attention_mask": np.array([[1, 1, 1, 1], [1, 1, 1, 0]]),
+            "token_type_ids": np.zeros((2, 4), np.int64)}
+
+
+def test_session_cache_saves_the_optimized_graph_once_and_loads_it_after(tiny, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny.export("bert", "text-classification"), folder)
+    cache = tmp_path / "cache"
+    plain = Session(folder / "model.onnx").run(_bert_feeds())["logits"]
+    first = Session(folder / "model.onnx", session_cache=cache)
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and first.cached_from == entries[0], "the first load writes one entry"
+    assert (entries[0] / "model.onnx").exists() and (entries[0] / "model.onnx.data").exists()
+    mtime = (entries[0] / "model.onnx").stat().st_mtime_ns
+    second = Session(folder / "model.onnx", session_cache=cache)
+    assert second.cached_from == entries[0] and (entries[0] / "model.onnx").stat().st_mtime_ns == mtime, "loaded, not rewritten"
+    for s in (first, second):
+        np.testing.assert_allclose(s.run(_bert_feeds())["logits"], plain, atol=1e-5)
+    # through the pipeline, and the same answers
+    pipe = onnxpipe.pipeline("text-classification", model=folder, session_cache=cache)
+    assert pipe("a short text") == onnxpipe.pipeline("text-classification", model=folder)("a short text")
+    assert pipe.model.session().cached_from == entries[0]
+
+
+def test_session_cache_entry_follows_the_source_files_and_threads(tiny, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny.export("bert", "text-classification"), folder)
+    cache = tmp_path / "cache"
+    a = Session(folder / "model.onnx", session_cache=cache).cached_from
+    b = Session(folder / "model.onnx", session_cache=cache, intra_op_num_threads=1).cached_from
+    (folder / "model.onnx.data").touch()  # re-exported weights: the old entry must not be used
+    c = Session(folder / "model.onnx", session_cache=cache).cached_from
+    assert len({a, b, c}) == 3 and all(p.parent == cache for p in (a, b, c))
+
+
+def test_session_cache_that_cannot_be_written_warns_and_still_loads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(session_mod, "_warned", set())
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.warns(RuntimeWarning, match="session cache .* is not writable"):
+        s = Session(tiny.export("bert", "text-classification") / "model.onnx", session_cache=blocker)
+    assert s.cached_from is None and s.run(_bert_feeds())["logits"].shape == (2, 2)
+
+
+def test_damaged_session_cache_entry_is_rebuilt(tiny, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny.export("bert", "text-classification"), folder)
+    cache = tmp_path / "cache"
+    entry = Session(folder / "model.onnx", session_cache=cache).cached_from
+    (entry / "model.onnx").write_bytes(b"damaged")
+    s = Session(folder / "model.onnx", session_cache=cache)
+    assert s.cached_from == entry and (entry / "model.onnx").stat().st_size > 100
+    np.testing.assert_allclose(s.run(_bert_feeds())["logits"], Session(folder / "model.onnx").run(_bert_feeds())["logits"],
+                               atol=1e-5)
+
+
+def test_shared_thread_pool_runs_every_session_of_the_process_on_one_pool(tiny):
+    """Process-wide, so in a child process: two models (and a session of other code that opts in) on one pool,
+    the same answers as with a pool each, and a per-session thread count is reported as ignored."""
+    import subprocess
+    import sys
+
+    folder = tiny.export("bert", "text-classification")
+    code = f"""
+import warnings, numpy as np, onnxruntime as ort, onnxpipe
+from onnxpipe.session import on_process_pool, shared_thread_pool
+feeds = {{"input_ids": np.array([[2, 5, 9, 3]]), "attention_mask": np.ones((1, 4), np.int64),
+         "token_type_ids": np.zeros((1, 4), np.int64)}}
+alone = onnxpipe.Session({str(folder / "model.onnx")!r}).run(feeds)["logits"]
+onnxpipe.share_thread_pool(2)
+assert shared_thread_pool() == 2
+a = onnxpipe.Session({str(folder / "model.onnx")!r})
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    b = onnxpipe.Session({str(folder / "model.int8.onnx")!r}, intra_op_num_threads=1)
+assert any("intra_op_num_threads=1 is ignored" in str(x.message) for x in w), [str(x.message) for x in w]
+other = ort.InferenceSession({str(folder / "model.onnx")!r}, on_process_pool(), providers=["CPUExecutionProvider"])
+np.testing.assert_allclose(a.run(feeds)["logits"], alone, atol=1e-6)
+np.testing.assert_allclose(other.run(None, feeds)[0], alone, atol=1e-6)
+assert b.run(feeds)["logits"].shape == alone.shape
+try:
+    onnxpipe.share_thread_pool(1)
+except ValueError as e:
+    assert "already shares a thread pool of 2 threads" in str(e)
+else:
+    raise AssertionError("resizing the shared pool must be refused")
+print("OK")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stderr[-2000:]
