@@ -54,6 +54,8 @@ def export(arch: str, task: str, optimized: bool = False, weight_type: str = "qu
     out = CACHE / "exports" / f"{arch}-{task}-{'opt' if optimized else 'plain'}{suffix}"
     if current(out):
         return out
+    if _build_in_child("export", arch, task, optimized=optimized, weight_type=weight_type, per_channel=per_channel):
+        return out
     from onnxpipe.export import export_model
 
     ckpt = checkpoint(arch, task)
@@ -88,6 +90,8 @@ def smollm2_export() -> Path:
     out = CACHE / "exports" / "smollm2"
     if current(out):
         return out
+    if _build_in_child("smollm2_export"):
+        return smollm2_export()
     from onnxpipe.export import export_model
 
     print("bench: exporting SmolLM2 (once)", flush=True)
@@ -100,7 +104,32 @@ def default_export(task: str) -> Path:
     """The built-in default model folder for `task` (built first when it is not: `onnxpipe build`)."""
     from onnxpipe.models import default_model_dir
 
+    try:
+        return default_model_dir(task, build=False)
+    except ValueError:  # not built yet (or stale): build it, in a child process when this one shares its pool
+        _build_in_child("default_export", task)
     return default_model_dir(task)
+
+
+def _build_in_child(name: str, *args, **kwargs) -> bool:
+    """Run `name(*args, **kwargs)` of this module in a child process when this one shares ONNX Runtime's thread
+    pool (bench/__main__.py): the exporter's own sessions (optimum's, validation's) then cannot be created
+    here, since ONNX Runtime refuses a session with a pool of its own once a process shares one. Returns
+    whether it ran there."""
+    import json
+    import subprocess
+    import sys
+
+    from onnxpipe.session import shared_thread_pool
+
+    if shared_thread_pool() is None or os.environ.get("ONNXPIPE_BENCH_CHILD"):
+        return False
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench import artifacts; "
+            f"artifacts.{name}(*json.loads(sys.argv[1]), **json.loads(sys.argv[2]))")
+    env = {k: v for k, v in os.environ.items() if k != "ONNXPIPE_SHARED_THREADS"}
+    env["ONNXPIPE_BENCH_CHILD"] = "1"
+    subprocess.run([sys.executable, "-c", code, json.dumps(args), json.dumps(kwargs)], check=True, env=env)
+    return True
 
 
 def default_checkpoint(task: str) -> Path:

@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 
-# Thread pools of torch (OpenMP) and ONNX Runtime spin a little after each call; a short pause
-# keeps one contender's spinning threads from slowing the next one down.
-GAP_S = 0.02
+# Thread pools of torch (OpenMP) and ONNX Runtime spin after each call (ONNX Runtime's for ~30-60 ms,
+# measured here); a pause longer than that keeps one contender's spinning threads from slowing the next.
+GAP_S = 0.1
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], *, budget_s: float, min_reps: int, max_reps: int,

@@ -177,8 +177,8 @@ def _save(model, path: Path) -> None:
         onnx.save(model, str(path))
 
 
-# ONNX's Attention (opset 23) takes grouped K/V heads, the past cache and an additive mask, and
-# returns the present cache: one node in place of the ~50 an exported decoder layer spends on it.
+# ONNX's Attention (opset 23) takes grouped K/V heads and an additive mask: one node in place of the
+# ~50 an exported decoder layer spends on its attention.
 ATTENTION_OPSET = 23
 
 
@@ -187,11 +187,12 @@ def fuse_decoder_attention(model, num_heads: int, num_kv_heads: int) -> int:
 
     The export spells every layer's attention out: Concat(past, new) for the cache, repeat_kv
     (Unsqueeze/Expand/Reshape and their shape arithmetic), Q*scale, K^T*scale, QK^T + mask,
-    Softmax, a NaN guard for fully masked rows, and the product with V. The fused node takes the
-    same rotated Q and K, V, the same additive mask and the past cache, and produces the
-    attention output and `present.*` (ONNX Runtime gives fully masked rows 0, as the guard did).
-    For SmolLM2 that is ~1,600 fewer nodes per decode step. A layer whose nodes do not match
-    the exported pattern is left as it is. Returns how many layers were fused.
+    Softmax, a NaN guard for fully masked rows, and the product with V. The cache Concats stay
+    (they are the `present.*` outputs); the fused node takes the rotated Q, the whole K and V
+    (`present.*`, grouped heads as they are), the additive mask, and the product of the two
+    scales, and gives the attention output (ONNX Runtime gives fully masked rows 0, as the guard
+    did). For SmolLM2 that is ~1,600 fewer nodes per decode step. A layer whose nodes do not
+    match the exported pattern is left as it is. Returns how many layers were fused.
     """
     from collections import defaultdict
 
@@ -292,14 +293,10 @@ def fuse_decoder_attention(model, num_heads: int, num_kv_heads: int) -> int:
     # Every layer slices the same causal mask to the same cache length (its own repeat_kv output's shape):
     # the first layer's mask serves them all, so the others' repeat_kv chains fall away with their attention.
     shared_mask = fused[0][4]
-    for pv, q, k, v, _, scale, layer in fused:
-        attention = helper.make_node("Attention", [q, k, v, shared_mask], [pv.output[0]], name=f"fused_attention/{layer}",
-                                     q_num_heads=int(num_heads), kv_num_heads=int(num_kv_heads), scale=scale)
-        g.node.insert(list(g.node).index(pv), attention)
-        g.node.remove(pv)
-    _toposort(g)
-    _prune_dead_nodes(g)  # needs nodes in order
-    _require_opset(model, ATTENTION_OPSET)
+    _swap_nodes(model, [(pv, helper.make_node("Attention", [q, k, v, shared_mask], [pv.output[0]],
+                                              name=f"fused_attention/{layer}", q_num_heads=int(num_heads),
+                                              kv_num_heads=int(num_kv_heads), scale=scale))
+                        for pv, q, k, v, _, scale, layer in fused])
     return len(fused)
 
 
@@ -373,15 +370,22 @@ def fuse_rotary_embeddings(model) -> int:
     g.initializer.extend([helper.make_tensor("rotary_half/two", 7, [1], [2]),
                           helper.make_tensor("rotary_half/zero", 7, [1], [0]),
                           helper.make_tensor("rotary_half/last_axis", 7, [1], [-1])])
-    for add, x, cos, sin in matches:
-        node = helper.make_node("RotaryEmbedding", [x, halves[cos], halves[sin]], [add.output[0]],
-                                name=f"fused_rotary/{add.name}", interleaved=0)
-        g.node.insert(list(g.node).index(add), node)
-        g.node.remove(add)
+    _swap_nodes(model, [(add, helper.make_node("RotaryEmbedding", [x, halves[cos], halves[sin]], [add.output[0]],
+                                               name=f"fused_rotary/{add.name}", interleaved=0))
+                        for add, x, cos, sin in matches])
+    return len(matches)
+
+
+def _swap_nodes(model, swaps) -> None:
+    """Put each (old, new) node's new one in the old one's place, drop what no longer reaches an output, and
+    raise the graph to the opset the fused ops need."""
+    g = model.graph
+    for old, new in swaps:
+        g.node.insert(list(g.node).index(old), new)
+        g.node.remove(old)
     _toposort(g)
     _prune_dead_nodes(g)  # needs nodes in order
     _require_opset(model, ATTENTION_OPSET)
-    return len(matches)
 
 
 def _require_opset(model, version: int) -> None:
