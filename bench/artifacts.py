@@ -180,7 +180,7 @@ def requantized(folder: Path, weight_type: str = "qint8", per_channel: bool = Fa
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from onnxpipe.export.quantize import _quiet
+    from onnxpipe.export.quantize import _quiet, onnx_attention_nodes
 
     out = variant_dir(folder, f"{weight_type}{'-per-channel' if per_channel else ''}")
     if (out / "onnxpipe.json").exists():
@@ -191,7 +191,8 @@ def requantized(folder: Path, weight_type: str = "qint8", per_channel: bool = Fa
     with _quiet():
         # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
         quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=wt,
-                         per_channel=per_channel, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         per_channel=per_channel, nodes_to_exclude=onnx_attention_nodes(folder / "model.onnx"),
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     manifest = json.loads((tmp / "onnxpipe.json").read_text())
     manifest["files"]["model"]["int8"] = {"path": "model.int8.onnx", "sha256": None,
                                           "bytes": (tmp / "model.int8.onnx").stat().st_size}

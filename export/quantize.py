@@ -22,9 +22,21 @@ def quantize_int8(out_dir: Path, roles: dict, *, weight_type: str, per_channel: 
         with _quiet():
             # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
             quantize_dynamic(str(src), str(dst), weight_type=wt, per_channel=per_channel, reduce_range=reduce_range,
+                             nodes_to_exclude=onnx_attention_nodes(src),
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         int8[role] = dst.name
     return int8
+
+
+def onnx_attention_nodes(path) -> list[str]:
+    """Names of the graph's ONNX-domain `Attention` nodes (opset 23, written by --optimize for Llama decoders).
+
+    ONNX Runtime's dynamic quantizer goes by op type alone and rewrites them as com.microsoft QAttention,
+    which has no grouped-KV heads: the result does not load. They stay float (they hold no weights)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
 
 
 def quantize_weight_only(out_dir: Path, roles: dict, *, bits: int, block_size: int = 32, accuracy_level: int = 4,
