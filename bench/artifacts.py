@@ -180,18 +180,19 @@ def requantized(folder: Path, weight_type: str = "qint8", per_channel: bool = Fa
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from onnxpipe.export.quantize import _quiet, onnx_attention_nodes
+    from onnxpipe.export.quantize import _quiet, check_dynamic_int8_supported
 
     out = variant_dir(folder, f"{weight_type}{'-per-channel' if per_channel else ''}")
     if (out / "onnxpipe.json").exists():
         return out
+    check_dynamic_int8_supported(folder / "model.onnx")  # a fused decoder's dynamic int8 comes out wrong
     tmp = variant_scratch(folder, out)
     link_graph(folder, "model.onnx", tmp)
     wt = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}[weight_type]
     with _quiet():
         # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
         quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=wt,
-                         per_channel=per_channel, nodes_to_exclude=onnx_attention_nodes(folder / "model.onnx"),
+                         per_channel=per_channel,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     manifest = json.loads((tmp / "onnxpipe.json").read_text())
     manifest["files"]["model"]["int8"] = {"path": "model.int8.onnx", "sha256": None,

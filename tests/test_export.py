@@ -430,19 +430,11 @@ def test_optimize_fuses_llama_norms_and_generates_the_same_tokens():
     np.testing.assert_array_equal(a, b)
 
 
-def test_dynamic_int8_of_a_fused_llama_keeps_onnx_attention_float_and_runs(tmp_path):
-    """ONNX Runtime's dynamic quantizer would turn opset-23 Attention into com.microsoft QAttention (no grouped
-    KV heads: the file would not load); the export leaves those nodes float."""
-    import onnx
-
-    import onnxpipe
-
-    out = export_model(tiny_checkpoint("llama", "text-generation"), tmp_path / "l", "text-generation",
-                       quantize="int8", int8_method="dynamic", optimize=True)
-    ops = [(n.op_type, n.domain) for n in onnx.load(str(out / "model.int8.onnx"), load_external_data=False).graph.node]
-    assert ("Attention", "") in ops and not any(op == "QAttention" for op, _ in ops)
-    assert any(op in ("MatMulInteger", "DynamicQuantizeLinear") for op, _ in ops)
-    ids = np.array([[5, 9, 17, 3, 11]], dtype=np.int64)
-    fp32 = onnxpipe.pipeline("text-generation", model=out).generate(ids, max_new_tokens=6, do_sample=False)
-    int8 = onnxpipe.pipeline("text-generation", model=out, precision="int8").generate(ids, max_new_tokens=6, do_sample=False)
-    assert int8.shape == fp32.shape and (int8[:, :5] == ids).all()
+def test_dynamic_int8_of_a_fused_llama_is_refused_with_a_clear_error(tmp_path):
+    """ONNX Runtime's dynamic quantizer breaks a Llama graph fused into opset-23 Attention (first it made the
+    attention a com.microsoft QAttention that does not load; with those nodes left float the logits still come
+    out ~40 off on SmolLM2): the export refuses it and leaves nothing behind."""
+    with pytest.raises(ExportError, match="dynamic int8 of a decoder fused by --optimize .* weight-only int8"):
+        export_model(tiny_checkpoint("llama", "text-generation"), tmp_path / "l", "text-generation",
+                     quantize="int8", int8_method="dynamic", optimize=True)
+    assert not (tmp_path / "l").exists()
