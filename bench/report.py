@@ -428,7 +428,7 @@ def update_readme(results: dict, readme: Path) -> bool:
 def readme_section(results: dict) -> str:
     m = results["meta"]
     lines = [
-        "`make bench` (or `python -m bench`) runs everything (~35 min on 2 cores, plus building the benchmark models once); `python -m bench encoder bert` "
+        "`make bench` (or `python -m bench`) runs everything (~20 min on 2 cores, plus building the benchmark models once); `python -m bench encoder bert` "
         "one case; `python -m bench --quick` a small sanity run. Every contender uses the same weights, the same "
         "inputs and the same thread count (torch `set_num_threads`, ONNX Runtime `intra_op_num_threads`), runs "
         "interleaved with the others call by call, and is compared with transformers + torch round by round. "
