@@ -192,8 +192,7 @@ def requantized(folder: Path, weight_type: str = "qint8", per_channel: bool = Fa
     with _quiet():
         # DefaultTensorType: fused graphs (com.microsoft ops) fail shape inference without it (STACK.md)
         quantize_dynamic(str(folder / "model.onnx"), str(tmp / "model.int8.onnx"), weight_type=wt,
-                         per_channel=per_channel,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         per_channel=per_channel, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     manifest = json.loads((tmp / "onnxpipe.json").read_text())
     manifest["files"]["model"]["int8"] = {"path": "model.int8.onnx", "sha256": None,
                                           "bytes": (tmp / "model.int8.onnx").stat().st_size}
@@ -213,8 +212,8 @@ def link_graph(src_dir: Path, name: str, dst_dir: Path) -> None:
             shutil.copy2(f, dst_dir / f.name)
 
 
-# Bumped when the way variants are written changes (2: dynamic int8 leaves ONNX-domain Attention float), so a
-# variant an older version wrote is rebuilt rather than measured.
+# Bumped when the way variants are written changes (2: after a fused decoder's dynamic int8 was found broken),
+# so a variant an older version wrote is rebuilt rather than measured.
 VARIANT_VERSION = 2
 
 

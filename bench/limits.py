@@ -81,7 +81,6 @@ def _ort_gemm_ms(m: int, k: int, n: int, threads: int) -> float:
 
 def _ort_batched_ms(b: int, m: int, k: int, n: int, threads: int) -> float:
     """Median ms of a batched [b,m,k] x [b,k,n] MatMul of two activations (attention's products)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     key = ("batched", b, m, k, n, threads)
@@ -90,11 +89,7 @@ def _ort_batched_ms(b: int, m: int, k: int, n: int, threads: int) -> float:
                                   [helper.make_tensor_value_info("a", TensorProto.FLOAT, [b, m, k]),
                                    helper.make_tensor_value_info("b", TensorProto.FLOAT, [b, k, n])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, m, n])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        so = on_process_pool(ort.SessionOptions(), threads)
-        so.log_severity_level = 3
-        _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        _SESSIONS[key] = _ort_session(graph, threads)
     sess = _SESSIONS[key]
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((b, m, k), dtype=np.float32), "b": rng.standard_normal((b, k, n), dtype=np.float32)}
@@ -131,13 +126,20 @@ def _ort_gemm(m: int, k: int, n: int, threads: int, reps: int) -> dict:
 
 
 def _gemm_session(m: int, k: int, n: int, threads: int, rng):
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+    return _ort_session(graph, threads)
+
+
+def _ort_session(graph, threads: int):
+    """An ONNX Runtime CPU session of `graph` (opset 17) with `threads` threads (or the process's shared pool)."""
+    import onnxruntime as ort
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     so = on_process_pool(ort.SessionOptions(), threads)
@@ -196,7 +198,6 @@ def decode_matmul_floor_ms(onnx_path, threads: int, batch: int = 1, reps: int = 
     in one session. What an ORT decoder cannot beat, next to the bandwidth ceiling (which assumes a kernel
     streaming weights at the machine's full read rate)."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -215,7 +216,6 @@ def decode_matmul_floor_ms(onnx_path, threads: int, batch: int = 1, reps: int = 
         w, t = node.input[1], producer.get(node.input[1])
         if w in inits and inits[w].data_type == TensorProto.FLOAT and len(inits[w].dims) == 2:
             shapes.append(tuple(inits[w].dims))
-            continue
         elif t is not None and t.op_type == "Transpose" and t.input[0] in inits and len(inits[t.input[0]].dims) == 2:
             shapes.append(tuple(inits[t.input[0]].dims[::-1]))
     rng = np.random.default_rng(0)
@@ -225,12 +225,7 @@ def decode_matmul_floor_ms(onnx_path, threads: int, batch: int = 1, reps: int = 
         inputs.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [batch, k]))
         nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [batch, n]))
-    graph = helper.make_graph(nodes, "decode_matmuls", list(inputs.values()), outputs, weights)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    so = on_process_pool(ort.SessionOptions(), threads)
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _ort_session(helper.make_graph(nodes, "decode_matmuls", list(inputs.values()), outputs, weights), threads)
     feeds = {f"x{k}": rng.standard_normal((batch, k), dtype=np.float32) for k in inputs}
     for _ in range(3):
         sess.run(None, feeds)

@@ -37,8 +37,14 @@ def targets(results: dict) -> list[dict]:
                     f"shapes ({fmt_ms(shaped)}); " if shaped else f"{name} {fmt_ms(s['p50'])}: ")
             text += (f"{s['p50'] / r['floor_ms']:.2f}x the peak-rate floor ({fmt_ms(r['floor_ms'])}: all FLOPs at the best "
                      f"GEMM shape's {r.get('gemm_gflops_case', 0):.0f} GFLOP/s)")
-            add("BERT-base classification b1 L128 fp32 within 10% of the compute floor", text,
-                s["p50"] <= 1.1 * (shaped or r["floor_ms"]))
+            # the machine's GEMM rate swings between samples on this VM: judge against the fastest rate the run saw,
+            # so a slow sample after the case cannot make the floor look reached
+            best_rate = max(x for x in (r.get("gemm_gflops_case"), (results.get("limits") or {}).get("gemm_gflops"),
+                                        (results.get("limits_end") or {}).get("gemm_gflops")) if x)
+            best_floor = r["gflop"] / best_rate * 1e3
+            floor = min(f for f in (shaped, r["floor_ms"], best_floor) if f)
+            text += f"; judged against {fmt_ms(floor)} (at the run's best GEMM rate {best_rate:.0f} GFLOP/s: {s['p50'] / floor:.2f}x)"
+            add("BERT-base classification b1 L128 fp32 within 10% of the compute floor", text, s["p50"] <= 1.1 * floor)
         name, s = _best(r, ONNX_INT8)
         if s and s.get("speedup_vs_torch"):
             acc = _default_accuracy(results, "text-classification", name)
@@ -66,9 +72,13 @@ def targets(results: dict) -> list[dict]:
             mm_txt = (f"; the step's {mm['matmuls']} weight MatMuls alone take {mm['p50_ms']:.1f} ms in ONNX Runtime "
                       f"({mm['gbs']:.1f} GB/s, a ceiling of {1e3 / mm['p50_ms']:.1f} steps/s: onnxpipe reaches "
                       f"{fp.get('of_matmul_ceiling', 0):.0%} of it)" if mm else "")
+            # ONNX Runtime's MatMuls streaming the weights faster than numpy's bandwidth sample prove the sample low:
+            # the ceiling is the faster of the two
+            ceiling = max(fp["ceiling_steps_per_s"], 1e3 / mm["p50_ms"] if mm else 0)
             add("SmolLM2 decode b1 fp32 >= 80% of the bandwidth ceiling",
-                f"{fp['steps_per_s']:.1f} tok/s vs ceiling {fp['ceiling_steps_per_s']:.1f} ({fp['of_ceiling']:.0%}){mm_txt}",
-                fp["of_ceiling"] >= 0.8)
+                f"{fp['steps_per_s']:.1f} tok/s vs ceiling {fp['ceiling_steps_per_s']:.1f} ({fp['of_ceiling']:.0%}){mm_txt}; "
+                f"judged against the higher ceiling, {ceiling:.1f} steps/s: {fp['steps_per_s'] / ceiling:.0%}",
+                fp["steps_per_s"] >= 0.8 * ceiling)
         ppl = (results.get("fidelity", {}).get("smollm2") or {}).get("perplexity", {})
         base = ppl.get("onnxpipe fp32", {}).get("ppl")
         ref_rate = g["contenders"].get(REFERENCE, {}).get("steps_per_s")

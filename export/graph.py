@@ -258,7 +258,7 @@ def fuse_decoder_attention(model, num_heads: int, num_kv_heads: int) -> int:
         while frontier and pv is None:
             cur = frontier.pop()
             for c in consumers.get(cur, []):
-                if c.op_type == "MatMul" and c.input[1] == cur and reaches(cur, vcat.output[0]):
+                if c.op_type == "MatMul" and c.input[1] == cur:  # cur is present.value or its repeat_kv
                     pv = c
                     break
                 if c.op_type in ("Unsqueeze", "Expand", "Reshape") and c.output[0] not in seen:

@@ -28,27 +28,23 @@ def quantize_int8(out_dir: Path, roles: dict, *, weight_type: str, per_channel: 
     return int8
 
 
-def onnx_attention_nodes(path) -> list[str]:
-    """Names of the graph's ONNX-domain `Attention` nodes (opset 23, written by --optimize for Llama decoders).
-
-    ONNX Runtime's dynamic quantizer goes by op type alone and rewrites them as com.microsoft QAttention,
-    which has no grouped-KV heads (the result does not load); left float, the rest still comes out wrong."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return [n.name for n in graph.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
-
-
 DYNAMIC_ON_FUSED_DECODER = ("dynamic int8 of a decoder fused by --optimize (ONNX Attention, opset 23) comes out wrong: "
                             "ONNX Runtime's dynamic quantizer breaks that graph (SmolLM2 logits off by ~40 from position 0, "
                             "perplexity x1e6); use the decoders' default weight-only int8, or export without --optimize")
 
 
 def check_dynamic_int8_supported(path) -> None:
-    """Refuse dynamic int8 where it is known to come out wrong (see DYNAMIC_ON_FUSED_DECODER)."""
+    """Refuse dynamic int8 of a graph with ONNX-domain `Attention` nodes (--optimize on Llama decoders).
+
+    ONNX Runtime's dynamic quantizer goes by op type alone and rewrites them as com.microsoft QAttention,
+    which has no grouped-KV heads (the result does not load); with them left float the rest still comes
+    out wrong (DYNAMIC_ON_FUSED_DECODER)."""
+    import onnx
+
     from .errors import ExportError
 
-    if onnx_attention_nodes(path):
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if any(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in graph.node):
         raise ExportError(DYNAMIC_ON_FUSED_DECODER)
 
 

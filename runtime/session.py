@@ -43,19 +43,19 @@ class Session:
         self.path = Path(path)
         kind, index = parse_device(device)
         so = session_options or ort.SessionOptions()
+        pool = shared_thread_pool()
         if session_options is None:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             so.log_severity_level = 3
-            if shared_thread_pool() is None:  # a shared pool has its size already
-                if intra_op_num_threads:
-                    so.intra_op_num_threads = int(intra_op_num_threads)
+            if pool is None:
+                on_process_pool(so, intra_op_num_threads)
                 if inter_op_num_threads:
                     so.inter_op_num_threads = int(inter_op_num_threads)
-        if shared_thread_pool() is not None:  # the process runs every session on one pool (share_thread_pool)
-            so.use_per_session_threads = False
-            if session_options is None and intra_op_num_threads and shared_thread_pool() not in (0, intra_op_num_threads):
+            elif intra_op_num_threads and pool not in (0, intra_op_num_threads):
                 self._warn_once(f"onnxpipe: intra_op_num_threads={intra_op_num_threads} is ignored: this process shares "
-                                f"one ONNX Runtime thread pool of {shared_thread_pool()} threads (share_thread_pool)")
+                                f"one ONNX Runtime thread pool of {pool} threads (share_thread_pool)")
+        if pool is not None:  # every session of the process runs on the one pool (share_thread_pool)
+            so.use_per_session_threads = False
         if session_cache is None:
             session_cache = os.environ.get("ONNXPIPE_SESSION_CACHE") or None
         #: where the optimized, pre-packed graph this session loaded (or wrote) lives; None when not cached
@@ -96,20 +96,15 @@ class Session:
         graph = entry / "model.onnx"
         providers = ["CPUExecutionProvider"]
         if graph.exists():
-            cached = ort.SessionOptions()
-            cached.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            cached.log_severity_level = so.log_severity_level
-            if so.use_per_session_threads:
-                cached.intra_op_num_threads = so.intra_op_num_threads
-                cached.inter_op_num_threads = so.inter_op_num_threads
-            else:
-                cached.use_per_session_threads = False
+            # `so` is this session's own (no session_options were given): the saved graph is already optimized
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
-                sess = ort.InferenceSession(str(graph), cached, providers=providers)
+                sess = ort.InferenceSession(str(graph), so, providers=providers)
                 self.cached_from = entry
                 return sess
             except Exception:  # a damaged entry: rebuild it below
                 shutil.rmtree(entry, ignore_errors=True)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             cache.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
@@ -143,15 +138,13 @@ class Session:
         self.inputs = {i.name: i for i in self._sess.get_inputs()}
 
     @staticmethod
-    def _warn_once(message: str) -> None:
+    def _warn_once(message: str, stacklevel: int = 5) -> None:
         if message not in _warned:
             _warned.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     def _warn_cpu(self, why: str) -> None:
-        if why not in _warned:
-            _warned.add(why)
-            warnings.warn(f"CUDA was asked for but is not available: {why}. Running on CPU.", RuntimeWarning, stacklevel=4)
+        self._warn_once(f"CUDA was asked for but is not available: {why}. Running on CPU.", stacklevel=5)
 
     def run(self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run with the graph's own input names; extra feeds are dropped, missing ones are an error."""
