@@ -1,0 +1,125 @@
+"""`python -m bench.profile_decode FOLDER [--precision fp32|int8]`: where a decoder's decode step spends its time.
+
+Runs a greedy KV-cache loop on an exported decoder folder (prompt of --prompt random tokens, then --steps
+single-token steps) with ONNX Runtime's profiler on, and prints the step's wall time next to the summed
+kernel time per operator type, so a slow step can be split into weight MatMuls (bandwidth-bound) and the
+rest (graph overhead: Concat/Reshape/Transpose around attention, norms, RoPE).
+The raw ORT profile (chrome://tracing JSON) is kept under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def profile(folder: Path, precision: str = "fp32", threads: int = 2, prompt: int = 64, steps: int = 64,
+            out: Path | None = None) -> dict:
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    kv = manifest.get("kv_cache")
+    if not kv:
+        raise SystemExit(f"{folder}: not a decoder with a KV cache (manifest has no kv_cache)")
+    files = manifest["files"]["model"]
+    if precision not in files:
+        raise SystemExit(f"{folder}: no {precision} graph (has {', '.join(files)})")
+    out = out or Path("bench/results/profiles")
+    out.mkdir(parents=True, exist_ok=True)
+    path = str(folder / files[precision]["path"])
+    outputs = ["logits", *kv["present_names"]]
+    vocab = next(o["shape"][-1] for o in manifest["io"]["model"]["outputs"] if o["name"] == "logits")
+    prompt_ids = np.random.default_rng(0).integers(0, vocab, size=(1, prompt), dtype=np.int64)
+    empty = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+
+    def session(profiled: bool):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        if profiled:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(out / f"{folder.name}-{precision}")
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def loop(sess) -> list[float]:
+        inputs = {i.name for i in sess.get_inputs()}
+
+        def feeds(ids, total, cache):
+            f = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
+                 "position_ids": np.arange(total - ids.shape[1], total, dtype=np.int64)[None]}
+            if manifest.get("logits_to_keep_input"):
+                f[manifest["logits_to_keep_input"]] = np.array([1], np.int64)
+            f.update(zip(kv["past_names"], cache))
+            return {k: v for k, v in f.items() if k in inputs}
+
+        res = sess.run(outputs, feeds(prompt_ids, prompt, [empty] * len(kv["past_names"])))
+        walls = []
+        for t in range(steps):
+            f = feeds(np.array([[int(np.argmax(res[0][0, -1]))]], np.int64), prompt + t + 1, res[1:])
+            t0 = time.perf_counter()
+            res = sess.run(outputs, f)
+            walls.append(time.perf_counter() - t0)
+        return walls
+
+    # the same loop without the profiler first: its per-node timing inflates the step (~10 us x nodes)
+    plain = loop(session(False))
+    sess = session(True)
+    walls = loop(sess)
+    trace = sess.end_profiling()
+    events = json.loads(Path(trace).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+    first_step = runs[-steps]["ts"]
+    per_op: dict[str, float] = collections.defaultdict(float)
+    count: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_step:
+            op = e["args"].get("op_name", "?")
+            per_op[op] += e["dur"] / 1e3 / steps
+            count[op] += 1
+    ops = sorted(per_op.items(), key=lambda kv_: -kv_[1])
+    return {
+        "folder": str(folder), "precision": precision, "threads": threads, "prompt": prompt, "steps": steps,
+        "step_ms_p50_unprofiled": float(np.median(plain) * 1e3),
+        "step_wall_ms_p50": float(np.median(walls) * 1e3), "step_wall_ms_min": float(min(walls) * 1e3),
+        "model_run_ms_p50": float(np.median([e["dur"] for e in runs[-steps:]]) / 1e3),
+        "kernel_ms_per_step": sum(per_op.values()), "nodes_per_step": sum(count.values()) // steps,
+        "ops": [{"op": op, "ms_per_step": ms, "nodes": count[op] // steps} for op, ms in ops],
+        "trace": str(trace),
+    }
+
+
+def render(r: dict) -> str:
+    lines = [f"{r['folder']} {r['precision']}, {r['threads']} threads, prompt {r['prompt']}, {r['steps']} steps",
+             f"step p50 without the profiler {r['step_ms_p50_unprofiled']:.2f} ms",
+             f"profiled: step wall p50 {r['step_wall_ms_p50']:.2f} ms (min {r['step_wall_ms_min']:.2f}); "
+             f"ORT model_run p50 {r['model_run_ms_p50']:.2f} ms; summed kernel time {r['kernel_ms_per_step']:.2f} ms "
+             f"over {r['nodes_per_step']} nodes",
+             f"{'op':32s} {'ms/step':>8s} {'share':>6s} nodes"]
+    for o in r["ops"]:
+        lines.append(f"{o['op']:32s} {o['ms_per_step']:8.3f} {o['ms_per_step'] / r['kernel_ms_per_step']:6.1%} "
+                     f"x{o['nodes']}")
+    lines.append(f"trace: {r['trace']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_decode", description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path, help="an exported decoder folder (onnxpipe export ... text-generation)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None, help="where the raw ORT trace goes (bench/results/profiles)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = p.parse_args(argv)
+    r = profile(a.folder, a.precision, a.threads, a.prompt, a.steps, a.out)
+    print(json.dumps(r, indent=1) if a.json else render(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
