@@ -418,8 +418,22 @@ def test_optimize_fuses_llama_norms_and_generates_the_same_tokens():
     assert opt["fused_ops"]["Attention"] == layers and opt["fused_ops"]["RotaryEmbedding"] == 2 * layers
     import onnx
 
-    ops = [n.op_type for n in onnx.load(str(fused / "model.onnx"), load_external_data=False).graph.node]
+    graph = onnx.load(str(fused / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
     assert ops.count("Attention") == layers and ops.count("RotaryEmbedding") == 2 * layers and "Softmax" not in ops
+    # each Attention takes 3D Q/K/V plus the past cache and writes present.* itself: no per-layer
+    # Reshape/Transpose of the heads or Concat onto the cache is left around it
+    assert opt["fused_ops"]["AttentionLayout"] == layers
+    presents = {o.name for o in graph.output if o.name.startswith("present")}
+    pasts = {i.name for i in graph.input if i.name.startswith("past_key_values")}
+    for att in (n for n in graph.node if n.op_type == "Attention"):
+        assert len(att.input) == 6 and set(att.input[4:]) <= pasts and set(att.output[1:]) <= presents
+    assert not any(n.op_type == "Concat" and set(n.output) & presents for n in graph.node)
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    readers = {i: n.op_type for n in graph.node for i in n.input}
+    for att in (n for n in graph.node if n.op_type == "Attention"):
+        assert [producer.get(i) for i in att.input[:3]] == ["RotaryEmbedding", "RotaryEmbedding", "MatMul"]
+        assert readers[att.output[0]] == "MatMul"  # o_proj reads the 3D output as it is
     assert opt["nodes_after"] < opt["nodes_before"] and _manifest(fused)["validation"]["passed"]
     # the tied LM head stays tied on disk (ONNX Runtime's optimizer folds Transpose(embedding) into a second copy)
     assert _manifest(fused)["files"]["model"]["fp32"]["external_data"]["bytes"] <= \
