@@ -301,7 +301,7 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
         opt = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden, opt_level=1)
     before = _count_nodes(path)
     from .graph import (fold_attention_layout, fuse_decoder_attention, fuse_rotary_embeddings,
-                        retie_transposed_weights)
+                        fuse_sibling_matmuls, retie_transposed_weights)
     retie_transposed_weights(opt.model)  # keep a tied LM head tied on disk
     fused_ops = opt.get_fused_operator_statistics()
     if model_type == "gpt2":  # Llama-family decoders: attention and RoPE as ONNX opset-23 ops (graph.py)
@@ -309,6 +309,7 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
         fused_ops["RotaryEmbedding"] = fuse_rotary_embeddings(opt.model)
         fused_ops["Attention"] = fuse_decoder_attention(opt.model, num_heads, kv_heads)
         fused_ops["AttentionLayout"] = fold_attention_layout(opt.model)  # 3D Q/K/V, cache inside Attention
+        fused_ops["MergedMatMul"] = fuse_sibling_matmuls(opt.model)  # q/k/v and gate/up: one MatMul each
     opt.save_model_to_file(str(path))
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
             "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": fused_ops}

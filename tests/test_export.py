@@ -424,6 +424,9 @@ def test_optimize_fuses_llama_norms_and_generates_the_same_tokens():
     # each Attention takes 3D Q/K/V plus the past cache and writes present.* itself: no per-layer
     # Reshape/Transpose of the heads or Concat onto the cache is left around it
     assert opt["fused_ops"]["AttentionLayout"] == layers
+    # q/k/v and gate/up are one MatMul (and a Split) each: 4 MatMuls a layer, plus the LM head and the
+    # rotary angles (inv_freq x positions)
+    assert opt["fused_ops"]["MergedMatMul"] == 2 * layers and ops.count("MatMul") == 4 * layers + 2
     presents = {o.name for o in graph.output if o.name.startswith("present")}
     pasts = {i.name for i in graph.input if i.name.startswith("past_key_values")}
     for att in (n for n in graph.node if n.op_type == "Attention"):
@@ -432,7 +435,7 @@ def test_optimize_fuses_llama_norms_and_generates_the_same_tokens():
     producer = {o: n.op_type for n in graph.node for o in n.output}
     readers = {i: n.op_type for n in graph.node for i in n.input}
     for att in (n for n in graph.node if n.op_type == "Attention"):
-        assert [producer.get(i) for i in att.input[:3]] == ["RotaryEmbedding", "RotaryEmbedding", "MatMul"]
+        assert [producer.get(i) for i in att.input[:3]] == ["RotaryEmbedding", "RotaryEmbedding", "Split"]
         assert readers[att.output[0]] == "MatMul"  # o_proj reads the 3D output as it is
     assert opt["nodes_after"] < opt["nodes_before"] and _manifest(fused)["validation"]["passed"]
     # the tied LM head stays tied on disk (ONNX Runtime's optimizer folds Transpose(embedding) into a second copy)
