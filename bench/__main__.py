@@ -96,6 +96,10 @@ def run(cases: list[str], only: list[str] | None, threads: int, quick: bool) -> 
     # Every ONNX Runtime contender (onnxpipe's and Optimum's) runs on one shared pool of `threads` threads:
     # a pool per session, seven of them in one process, slowed whichever contender ran next (runtime/session.py).
     share_thread_pool(threads)
+    # the in-process contenders load without onnxpipe's session cache (it changes how fast a session is created,
+    # not how fast it runs, and would write gigabytes of bench models into ~/.cache); the cold-start section
+    # gives each of its processes the cache setting it measures
+    os.environ["ONNXPIPE_SESSION_CACHE"] = "off"
     meta = machine_info(threads, quick)
     meta["ort_thread_pool"] = f"one shared intra-op pool of {threads} threads for every ONNX Runtime session"
     meta["cases"], meta["filters"] = cases, only
@@ -109,6 +113,11 @@ def run(cases: list[str], only: list[str] | None, threads: int, quick: bool) -> 
     results["limits"] = limits.measure(threads, quick=quick)
     _section_done(results, "limits", t_start)
     gemm, bw = results["limits"]["gemm_gflops"], results["limits"]["bandwidth_gbs"]
+    if "coldstart" in cases:  # first, while this process is small: each contender is a fresh child process
+        from . import coldstart
+
+        results["coldstart"] = coldstart.run(threads, quick)
+        _section_done(results, "coldstart", t_start)
     if "encoder" in cases:
         from . import encoder
 
@@ -119,11 +128,6 @@ def run(cases: list[str], only: list[str] | None, threads: int, quick: bool) -> 
 
         results["generation"] = generation.run(threads, quick, bw, only)
         _section_done(results, "generation", t_start)
-    if "coldstart" in cases:
-        from . import coldstart
-
-        results["coldstart"] = coldstart.run(threads, quick)
-        _section_done(results, "coldstart", t_start)
     if "size" in cases:
         from . import size
 
@@ -175,9 +179,20 @@ def machine_info(threads: int, quick: bool) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     return {"started": _now(), "mode": "quick" if quick else "full", "threads": threads, "cpu": cpu,
+            "cpu_features": cpu_features(),
             "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()], "versions": versions, "git_commit": commit,
             "command": " ".join(["python -m bench", *sys.argv[1:]])}
+
+
+def cpu_features() -> str:
+    """The SIMD extensions that decide which MLAS / torch kernels run (AVX-512 and VNNI change int8 speed most)."""
+    try:
+        flags = set(next(ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")))
+    except (OSError, StopIteration):
+        return ""
+    keep = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return " ".join(f for f in keep if f in flags) or "no AVX2"
 
 
 def _now() -> str:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
+
 from . import artifacts, contenders as C
 from .inputs import qa_pairs, texts_of_length
-from .limits import encoder_gemm_floor_ms, encoder_gflop, gemm_now
+from .limits import EncoderMatmulChain, GemmProbe, encoder_gflop
 from .timing import paired_speedup, summarize, time_interleaved
 
 SHAPES = {"bert": dict(layers=12, hidden=768, intermediate=3072), "distilbert": dict(layers=6, hidden=768, intermediate=3072),
@@ -23,6 +25,7 @@ QUICK_GROUPS = [("bert", "text-classification")]
 QUICK_SHAPES = [(1, 16), (1, 128), (32, 128)]
 # seconds per (group, shape), min and max rounds
 BUDGET = {"full": {1: (10.0, 5, 30), 32: (40.0, 2, 4)}, "quick": {1: (3.0, 3, 10), 32: (6.0, 1, 2)}}
+FLOOR_CHAIN, FLOOR_PROBE = "floor: the model's matmuls chained", "floor: GEMM rate probe"
 BUDGET_512 = {"full": (20.0, 3, 10), "quick": (4.0, 2, 4)}
 
 
@@ -63,20 +66,28 @@ def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
         budget, lo, hi = BUDGET_512[mode] if length == 512 else BUDGET[mode][batch]
         inputs = _inputs(task, tok_json, batch, length)
         calls = {name: _call(task, pipe, inputs, batch, length) for name, pipe in built.items()}
-        print(f"bench: {arch} {task} batch {batch} len {length}: {len(calls)} contenders", flush=True)
+        # the floors, timed in the same rounds as the contenders: the model's matmuls chained in one ORT graph,
+        # and a GEMM of a favourable shape whose rate gives that round's peak-rate floor
+        chain, probe = EncoderMatmulChain(seq=length, batch=batch, threads=threads, **SHAPES[arch]), GemmProbe(threads)
+        calls[FLOOR_CHAIN], calls[FLOOR_PROBE] = chain, probe
+        print(f"bench: {arch} {task} batch {batch} len {length}: {len(calls) - 2} contenders and the two floors", flush=True)
         times, case_errors = time_interleaved(calls, budget_s=budget, min_reps=lo, max_reps=hi, warmup=1)
         case_errors.update(errors)
+        chain_t, probe_t = times.pop(FLOOR_CHAIN), times.pop(FLOOR_PROBE)
+        probe_flop, probe_shape = probe.flop, probe.shape
+        del chain, probe, calls
+        gc.collect()
         flops = encoder_gflop(seq=length, batch=batch, **SHAPES[arch])
-        # the GEMM rate measured just after the case: the machine as the contenders found it
-        gemm_case = gemm_now(threads)
-        floor_ms = flops / gemm_case * 1e3
-        # and the model's own matmuls, each timed at its shape (the floor a whole model can approach)
-        shaped = encoder_gemm_floor_ms(seq=length, batch=batch, threads=threads, **SHAPES[arch])
         ref = times.get(C.REFERENCE)
+        # per round: the peak-rate floor (the model's FLOPs at the probe's rate that round) and the chained matmuls
+        round_floor = [flops / (probe_flop / 1e9 / t) for t in probe_t]
+        rates = summarize([probe_flop / 1e9 / t for t in probe_t], scale=1.0)
+        floor_ms, chain_ms = float(np.median(round_floor)) * 1e3, summarize(chain_t)["p50"]
         row = {"model": label, "arch": arch, "task": task, "batch": batch, "length": length,
-               "gflop": flops, "floor_ms": floor_ms, "gemm_gflops_case": gemm_case,
-               "floor_shapes_ms": shaped["floor_ms"], "floor_shapes_per_layer_ms": shaped["per_layer_ms"],
+               "gflop": flops, "floor_ms": floor_ms, "gemm_gflops_case": rates["p50"], "floor_shapes_ms": chain_ms,
                "floor_ms_run_start": flops / gemm_gflops * 1e3 if gemm_gflops else None,
+               "floor_paired": {"peak_rate_ms": summarize(round_floor, scale=1e3), "probe_shape": probe_shape,
+                                "probe_gflops": rates, "chain_ms": summarize(chain_t)},
                "errors": case_errors, "contenders": {}}
         for name, t in times.items():
             s = summarize(t)
@@ -84,9 +95,11 @@ def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
             s["path"] = paths[name]
             if batch > 1:
                 s["items_per_s"] = batch / (s["p50"] / 1e3)
-            if floor_ms:
-                s["floor_over_p50"] = floor_ms / s["p50"]
-                s["shape_floor_over_p50"] = shaped["floor_ms"] / s["p50"]
+            s["floor_over_p50"] = floor_ms / s["p50"]
+            s["shape_floor_over_p50"] = chain_ms / s["p50"]
+            # this contender's time over the floors of the same round (median, min, max)
+            s["over_peak_floor"] = paired_speedup(t, round_floor)
+            s["over_chain_floor"] = paired_speedup(t, chain_t)
             row["contenders"][name] = s
         rows.append(row)
     del built

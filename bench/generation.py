@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 
 from . import artifacts, contenders as C
-from .limits import bandwidth_now, decode_matmul_floor_ms
+from .limits import DecodeMatmuls, bandwidth_now
 from .timing import GAP_S, paired_speedup, summarize
 
 # The export's int8 for decoders is weight-only 8-bit MatMulNBits; dynamic int8 (what the export wrote
@@ -26,6 +26,7 @@ DYNAMIC = "onnxpipe int8 (dynamic)"
 PROMPT_TOKENS = 64
 NEW_TOKENS = 256
 WINDOWS = (64, 256)
+MATMUL_FLOOR = "floor: the fp32 step's weight MatMuls alone"
 
 
 def run(threads: int, quick: bool, bandwidth_gbs: float | None, only: list[str] | None = None) -> list[dict]:
@@ -98,6 +99,9 @@ def _run_model(name, threads, quick, plan, bandwidth_gbs) -> list[dict]:
                 traceback.print_exc(limit=3)
                 del calls[cname]
         print(f"bench: {name} batch {batch}: {len(calls)} contenders, {rounds} x {new_tokens} new tokens", flush=True)
+        # the fp32 step's weight MatMuls alone through ONNX Runtime's kernels (the floor of any ORT decoder), timed
+        # in the same rounds as the contenders
+        calls[MATMUL_FLOOR] = DecodeMatmuls(export / "model.onnx", threads, batch=batch)
         stamps = {c: [] for c in calls}
         names = list(calls)
         for r in range(rounds):
@@ -106,8 +110,12 @@ def _run_model(name, threads, quick, plan, bandwidth_gbs) -> list[dict]:
                 time.sleep(GAP_S)
                 stamps[cname].append(calls[cname](ids, mask, new_tokens))
         bw_case = bandwidth_now(threads)  # the machine as the contenders found it
-        # and the fp32 step's weight MatMuls alone through ONNX Runtime's kernels: the floor of any ORT decoder
-        mm_floor = decode_matmul_floor_ms(export / "model.onnx", threads, batch=batch)
+        floor = calls.pop(MATMUL_FLOOR)
+        floor_runs = stamps.pop(MATMUL_FLOOR)
+        floor_steps = [float(np.median(np.diff(r))) for r in floor_runs]  # per round, seconds
+        mm_floor = floor.summary([t * 1e3 for r in floor_runs for t in np.diff(r)])
+        mm_floor["per_round_ms"] = [t * 1e3 for t in floor_steps]
+        del floor
         row = {"model": label, "key": name, "batch": batch, "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens,
                "weight_bytes_streamed": weight_bytes, "bandwidth_gbs": bw_case, "bandwidth_gbs_run_start": bandwidth_gbs,
                "matmul_floor_fp32": mm_floor,
@@ -124,7 +132,10 @@ def _run_model(name, threads, quick, plan, bandwidth_gbs) -> list[dict]:
                 row["contenders"][cname]["ceiling_steps_per_s"] = ceiling
                 row["contenders"][cname]["of_ceiling"] = row["contenders"][cname]["steps_per_s"] / ceiling
             if precision == "fp32":
-                row["contenders"][cname]["of_matmul_ceiling"] = row["contenders"][cname]["steps_per_s"] * mm_floor["p50_ms"] / 1e3
+                # round by round: the matmuls' step time over this contender's step time in the same round
+                ratios = [f / float(np.median(np.diff(r))) for f, r in zip(floor_steps, runs)]
+                row["contenders"][cname]["of_matmul_ceiling"] = float(np.median(ratios))
+                row["contenders"][cname]["of_matmul_ceiling_range"] = [float(min(ratios)), float(max(ratios))]
         rows.append(row)
     del built, calls
     gc.collect()

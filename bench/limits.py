@@ -35,11 +35,6 @@ def measure(threads: int, quick: bool = False) -> dict:
     }
 
 
-def gemm_now(threads: int) -> float:
-    """A short GEMM measurement taken right before a case, so its floor reflects the machine at that moment."""
-    return max(_ort_gemm(m, 768, 3072, threads, reps=3)["p50"] for m in (128, 512))
-
-
 def bandwidth_now(threads: int) -> float:
     bw = _bandwidth(threads, mib=256, reps=3)
     return max(bw["threads"]["p50"], bw["one_thread"]["p50"])
@@ -49,59 +44,6 @@ def encoder_gflop(layers: int, hidden: int, intermediate: int, seq: int, batch: 
     """Matmul FLOPs of a BERT-like encoder (QKV + output projection, FFN, attention scores and mix)."""
     per_layer = 2 * seq * (4 * hidden * hidden + 2 * hidden * intermediate) + 2 * 2 * seq * seq * hidden
     return batch * layers * per_layer / 1e9
-
-
-def encoder_gemm_floor_ms(layers: int, hidden: int, intermediate: int, seq: int, batch: int, threads: int,
-                          heads: int = 12) -> dict:
-    """The same encoder's matmuls, each timed alone in ONNX Runtime (MLAS) at its own shape: the compute floor
-    for this model at this size on this machine.
-
-    `encoder_gflop / best GEMM rate` assumes every matmul runs at the rate of the most favourable shape;
-    BERT's 128x768x768 projections and its (seq x 64) attention products run slower than a 512x768x3072
-    GEMM, so this floor is the one a whole model can approach. Both are reported.
-    """
-    rows = batch * seq
-    head_dim = hidden // heads
-    parts = {  # name: (ms per call, calls per layer)
-        "projection HxH (Q, K, V, output)": (_ort_gemm_ms(rows, hidden, hidden, threads), 4),
-        "FFN in HxI": (_ort_gemm_ms(rows, hidden, intermediate, threads), 1),
-        "FFN out IxH": (_ort_gemm_ms(rows, intermediate, hidden, threads), 1),
-        "attention scores QK^T": (_ort_batched_ms(batch * heads, seq, head_dim, seq, threads), 1),
-        "attention mix PV": (_ort_batched_ms(batch * heads, seq, seq, head_dim, threads), 1),
-    }
-    total = layers * sum(ms * n for ms, n in parts.values())
-    return {"floor_ms": total, "per_layer_ms": {k: ms * n for k, (ms, n) in parts.items()}}
-
-
-def _ort_gemm_ms(m: int, k: int, n: int, threads: int) -> float:
-    """Median ms of one [m,k] x [k,n] MatMul with a constant weight (prepacked, as in the model)."""
-    rate = _ort_gemm(m, k, n, threads, reps=5)["p50"]
-    return 2.0 * m * k * n / (rate * 1e9) * 1e3
-
-
-def _ort_batched_ms(b: int, m: int, k: int, n: int, threads: int) -> float:
-    """Median ms of a batched [b,m,k] x [b,k,n] MatMul of two activations (attention's products)."""
-    from onnx import TensorProto, helper
-
-    key = ("batched", b, m, k, n, threads)
-    if key not in _SESSIONS:
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "bmm",
-                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [b, m, k]),
-                                   helper.make_tensor_value_info("b", TensorProto.FLOAT, [b, k, n])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [b, m, n])])
-        _SESSIONS[key] = _ort_session(graph, threads)
-    sess = _SESSIONS[key]
-    rng = np.random.default_rng(0)
-    feeds = {"a": rng.standard_normal((b, m, k), dtype=np.float32), "b": rng.standard_normal((b, k, n), dtype=np.float32)}
-    sess.run(None, feeds)
-    inner = max(1, int(5e8 // (2.0 * b * m * k * n)))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) / inner * 1e3)
-    return float(np.median(times))
 
 
 _SESSIONS: dict = {}
@@ -192,49 +134,133 @@ def _bandwidth(threads: int, mib: int, reps: int) -> dict:
             "threads": summarize([split() for _ in range(reps)], scale=1.0)}
 
 
-def decode_matmul_floor_ms(onnx_path, threads: int, batch: int = 1, reps: int = 7) -> dict:
+class DecodeMatmuls:
     """A decode step's weight MatMuls alone, through ONNX Runtime's kernels: every MatMul of the graph whose
-    weight is a float32 initializer (or a Transpose of one: a tied LM head), at its shape, fed `batch` rows,
-    in one session. What an ORT decoder cannot beat, next to the bandwidth ceiling (which assumes a kernel
-    streaming weights at the machine's full read rate)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    weight is a float32 initializer (or a Transpose of one: a tied LM head; GPT-2's Gemm layers too), at its
+    shape, fed `batch` rows, in one session. What an ORT decoder cannot beat, next to the bandwidth ceiling
+    (which assumes a kernel streaming weights at the machine's full read rate).
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    shapes = []
-    for node in g.node:
-        if node.op_type == "Gemm" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:  # GPT-2's Conv1D
-            dims = tuple(inits[node.input[1]].dims)
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            shapes.append(dims[::-1] if trans_b else dims)
-            continue
-        if node.op_type != "MatMul" or len(node.input) < 2:
-            continue
-        w, t = node.input[1], producer.get(node.input[1])
-        if w in inits and inits[w].data_type == TensorProto.FLOAT and len(inits[w].dims) == 2:
-            shapes.append(tuple(inits[w].dims))
-        elif t is not None and t.op_type == "Transpose" and t.input[0] in inits and len(inits[t.input[0]].dims) == 2:
-            shapes.append(tuple(inits[t.input[0]].dims[::-1]))
-    rng = np.random.default_rng(0)
-    nodes, weights, inputs, outputs = [], [], {}, []
-    for i, (k, n) in enumerate(shapes):
-        weights.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{i}"))
-        inputs.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [batch, k]))
-        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
-        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [batch, n]))
-    sess = _ort_session(helper.make_graph(nodes, "decode_matmuls", list(inputs.values()), outputs, weights), threads)
-    feeds = {f"x{k}": rng.standard_normal((batch, k), dtype=np.float32) for k in inputs}
-    for _ in range(3):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(reps):
+    Called like a generation contender, `(ids, mask, new_tokens)` -> the time at which each "step" ended, so
+    the generation case times it in the same rounds as the contenders (same moment of this noisy VM)."""
+
+    def __init__(self, onnx_path, threads: int, batch: int = 1):
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        g = model.graph
+        inits = {i.name: i for i in g.initializer}
+        producer = {o: n for n in g.node for o in n.output}
+        shapes = []
+        for node in g.node:
+            if node.op_type == "Gemm" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:  # GPT-2's Conv1D
+                dims = tuple(inits[node.input[1]].dims)
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                shapes.append(dims[::-1] if trans_b else dims)
+                continue
+            if node.op_type != "MatMul" or len(node.input) < 2:
+                continue
+            w, t = node.input[1], producer.get(node.input[1])
+            if w in inits and inits[w].data_type == TensorProto.FLOAT and len(inits[w].dims) == 2:
+                shapes.append(tuple(inits[w].dims))
+            elif t is not None and t.op_type == "Transpose" and t.input[0] in inits and len(inits[t.input[0]].dims) == 2:
+                shapes.append(tuple(inits[t.input[0]].dims[::-1]))
+        rng = np.random.default_rng(0)
+        nodes, weights, inputs, outputs = [], [], {}, []
+        for i, (k, n) in enumerate(shapes):
+            weights.append(numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32) * 0.02, f"w{i}"))
+            inputs.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [batch, k]))
+            nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
+            outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [batch, n]))
+        self.session = _ort_session(helper.make_graph(nodes, "decode_matmuls", list(inputs.values()), outputs, weights), threads)
+        self.feeds = {f"x{k}": rng.standard_normal((batch, k), dtype=np.float32) for k in inputs}
+        self.matmuls = len(shapes)
+        self.weight_bytes = sum(4 * k * n for k, n in shapes)
+        for _ in range(3):
+            self.session.run(None, self.feeds)
+
+    def __call__(self, ids=None, mask=None, new_tokens: int = 64) -> np.ndarray:
+        stamps = []
         t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    weight_bytes = sum(4 * k * n for k, n in shapes)
-    p50 = float(np.median(times))
-    return {"matmuls": len(shapes), "weight_bytes": weight_bytes, "p50_ms": p50, "min_ms": float(min(times)),
-            "gbs": weight_bytes / (p50 / 1e3) / 1e9}
+        for _ in range(new_tokens):
+            self.session.run(None, self.feeds)
+            stamps.append(time.perf_counter() - t0)
+        return np.array(stamps)
+
+    def summary(self, times_ms: list[float]) -> dict:
+        p50 = float(np.median(times_ms))
+        return {"matmuls": self.matmuls, "weight_bytes": self.weight_bytes, "p50_ms": p50, "min_ms": float(min(times_ms)),
+                "gbs": self.weight_bytes / (p50 / 1e3) / 1e9}
+
+
+def decode_matmul_floor_ms(onnx_path, threads: int, batch: int = 1, reps: int = 7) -> dict:
+    """DecodeMatmuls timed on its own, `reps` steps."""
+    floor = DecodeMatmuls(onnx_path, threads, batch)
+    return floor.summary(list(np.diff(floor(new_tokens=reps + 1)) * 1e3))
+
+
+class EncoderMatmulChain:
+    """A BERT-like encoder's matmuls and nothing else, in one ONNX Runtime graph, as a callable timed beside the
+    contenders, round by round (so the floor and the pipelines meet the same moment of this noisy VM).
+
+    Per layer, chained as the model chains them: the four HxH projections (Q, K, V, output), the FFN's HxI and
+    IxH, and the attention's two batched products (QK^T, PV) on their own chain; distinct weights per layer, so
+    the weights stream from memory as the model's do (85M parameters for BERT-base). Weights are scaled so the
+    activations keep unit variance through all layers (no inf/NaN, no denormals to slow the FMA units).
+    """
+
+    def __init__(self, layers: int, hidden: int, intermediate: int, seq: int, batch: int, threads: int, heads: int = 12):
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        rows, d = batch * seq, hidden // heads
+        bh = batch * heads
+
+        def weight(name, k, n):
+            return numpy_helper.from_array((rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32), name)
+
+        nodes, inits = [], []
+        x, a = "x", "a"
+        kt = numpy_helper.from_array((rng.standard_normal((bh, d, seq), dtype=np.float32) / np.sqrt(d)).astype(np.float32), "kt")
+        v = numpy_helper.from_array((rng.standard_normal((bh, seq, d), dtype=np.float32) / np.sqrt(seq)).astype(np.float32), "v")
+        inits += [kt, v]
+        for layer in range(layers):
+            for j, (k, n) in enumerate([(hidden, hidden)] * 4 + [(hidden, intermediate), (intermediate, hidden)]):
+                w = weight(f"w{layer}_{j}", k, n)
+                inits.append(w)
+                y = f"x{layer}_{j}"
+                nodes.append(helper.make_node("MatMul", [x, w.name], [y]))
+                x = y
+            s, p = f"s{layer}", f"a{layer}"
+            nodes += [helper.make_node("MatMul", [a, "kt"], [s]), helper.make_node("MatMul", [s, "v"], [p])]
+            a = p
+        nodes += [helper.make_node("Identity", [x], ["y"]), helper.make_node("Identity", [a], ["z"])]
+        graph = helper.make_graph(nodes, "encoder_matmuls",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, hidden]),
+                                   helper.make_tensor_value_info("a", TensorProto.FLOAT, [bh, seq, d])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, hidden]),
+                                   helper.make_tensor_value_info("z", TensorProto.FLOAT, [bh, seq, d])], inits)
+        self.session = _ort_session(graph, threads)
+        self.feeds = {"x": rng.standard_normal((rows, hidden), dtype=np.float32),
+                      "a": rng.standard_normal((bh, seq, d), dtype=np.float32)}
+        self.gflop = encoder_gflop(layers, hidden, intermediate, seq, batch)
+
+    def __call__(self):
+        return self.session.run(None, self.feeds)
+
+
+class GemmProbe:
+    """One float32 GEMM of a favourable shape (BERT's FFN at 512 rows), timed beside the contenders round by round:
+    each round's GEMM rate gives that round's peak-rate floor (all of a model's FLOPs at that rate)."""
+
+    def __init__(self, threads: int, m: int = 512, k: int = 768, n: int = 3072, reps: int = 3):
+        rng = np.random.default_rng(0)
+        self.session = _gemm_session(m, k, n, threads, rng)
+        self.x = rng.standard_normal((m, k), dtype=np.float32)
+        self.reps = reps
+        self.flop = 2.0 * m * k * n * reps  # per call
+        self.shape = f"{m}x{k}x{n}"
+
+    def __call__(self):
+        for _ in range(self.reps):
+            self.session.run(None, {"x": self.x})

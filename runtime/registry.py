@@ -45,8 +45,9 @@ def pipeline(task: str | None = None, model=None, *, device="cpu", precision: st
     model: a folder written by `onnxpipe export` (or a loaded ModelDir); None takes the task's
     built-in default (built on first use). device: 'cpu', 'cuda' or 'cuda:N'.
     precision: 'fp32' or 'int8' (needs an export with --quantize int8).
-    session_cache: a folder (or $ONNXPIPE_SESSION_CACHE) where CPU sessions keep the graph as ONNX Runtime
-    optimized it for this CPU, weights pre-packed, so later loads skip both (faster cold start; see Session).
+    session_cache: where CPU sessions keep the graph as ONNX Runtime optimized it for this CPU, weights
+    pre-packed, so later loads skip both (faster cold start; see Session). None (default): $ONNXPIPE_SESSION_CACHE
+    if set (a folder, or "off"), else ~/.cache/onnxpipe/sessions for graphs of 32 MiB or more; a folder; False: off.
     """
     from .model_dir import ModelDir
 

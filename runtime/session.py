@@ -34,6 +34,10 @@ class Session:
 
     Asking for CUDA where it cannot load (no GPU, CPU-only onnxruntime, missing CUDA
     libraries) warns once, saying why, and runs on CPU: `self.provider` tells which runs.
+
+    session_cache (CPU only): None takes $ONNXPIPE_SESSION_CACHE (a folder, or "off"), else the default
+    folder (default_session_cache_dir) for graphs of DEFAULT_CACHE_MIN_BYTES or more; a folder; False for
+    none. See _cached_session.
     """
 
     def __init__(self, path: str | os.PathLike, device="cpu", intra_op_num_threads: int | None = None,
@@ -56,12 +60,13 @@ class Session:
                                 f"one ONNX Runtime thread pool of {pool} threads (share_thread_pool)")
         if pool is not None:  # every session of the process runs on the one pool (share_thread_pool)
             so.use_per_session_threads = False
-        if session_cache is None:
-            session_cache = os.environ.get("ONNXPIPE_SESSION_CACHE") or None
         #: where the optimized, pre-packed graph this session loaded (or wrote) lives; None when not cached
         self.cached_from: Path | None = None
-        if session_cache and kind == "cpu" and session_options is None:
-            self._sess = self._cached_session(ort, so, Path(session_cache))
+        cache, explicit = resolve_session_cache(session_cache)
+        if cache is not None and not explicit and _weight_bytes(self.path) < DEFAULT_CACHE_MIN_BYTES:
+            cache = None  # small graphs pre-pack in a few ms: not worth the disk
+        if cache is not None and kind == "cpu" and session_options is None:
+            self._sess = self._cached_session(ort, so, cache, explicit)
             self._finish(kind, index, ort)
             return
         providers: list = ["CPUExecutionProvider"]
@@ -82,17 +87,19 @@ class Session:
             raise ValueError(f"cannot load ONNX model {self.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
                              "export the model again") from None
 
-    def _cached_session(self, ort, so, cache: Path):
+    def _cached_session(self, ort, so, cache: Path, explicit: bool = True):
         """CPU only: the graph as ONNX Runtime optimized it for this CPU, with its weights already pre-packed for
-        the MLAS kernels, saved on first load and loaded as it is afterwards (no re-optimizing, no re-packing).
+        the MLAS kernels, saved on first load and loaded as it is afterwards (no re-optimizing, no re-packing:
+        pre-packing is most of a session's creation, ~0.3 s for BERT-base's 340 MB, mostly page faults on the
+        fresh memory it packs into).
 
-        Measured here on BERT-base fp32 (bench/, README "Benchmarks"): session creation 0.8 -> 0.4 s. The entry
-        is keyed by the source files (path, size, mtime), the onnxruntime version, this CPU's flags and the
-        thread count, so an entry that would not fit is never loaded. The saved weights take about twice the
-        model's size on disk (original and pre-packed). A cache that cannot be written warns once and the
-        session is created as usual.
+        The entry is keyed by the source files (path, size, mtime), the onnxruntime version, this CPU's flags
+        and the thread count, so an entry that would not fit is never loaded; writing one removes the entries
+        of earlier versions of the same file. The saved weights take about twice the model's size on disk
+        (original and pre-packed). A cache that cannot be written is skipped (with a warning when the folder
+        was asked for) and the session is created as usual.
         """
-        entry = cache / f"{self.path.stem}-{_cache_key(self.path, ort.__version__, so.intra_op_num_threads)}"
+        entry = cache / _entry_name(self.path, ort.__version__, so.intra_op_num_threads)
         graph = entry / "model.onnx"
         providers = ["CPUExecutionProvider"]
         if graph.exists():
@@ -109,7 +116,8 @@ class Session:
             cache.mkdir(parents=True, exist_ok=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
         except OSError as e:
-            self._warn_once(f"onnxpipe: session cache {cache} is not writable ({e}); loading without it")
+            if explicit:
+                self._warn_once(f"onnxpipe: session cache {cache} is not writable ({e}); loading without it")
             return self._load(ort, str(self.path), so, providers)
         so.optimized_model_filepath = str(scratch / "model.onnx")
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "model.onnx.data")
@@ -122,6 +130,7 @@ class Session:
                 self.cached_from = entry
             except OSError:  # another process wrote the same entry first
                 pass
+            _prune_stale_entries(cache, entry)
             return sess
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -223,13 +232,58 @@ def shared_thread_pool() -> int | None:
     return _POOL.get("threads")
 
 
-def _cache_key(path: Path, ort_version: str, threads: int) -> str:
-    parts = [str(path.resolve()), ort_version, str(threads), _cpu_flags()]
+#: the default cache (no session_cache= given, no ONNXPIPE_SESSION_CACHE) takes graphs of at least this many bytes
+DEFAULT_CACHE_MIN_BYTES = 32 << 20
+_OFF = ("0", "off", "false", "no", "none")
+
+
+def default_session_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/onnxpipe/sessions, or ~/.cache/onnxpipe/sessions."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "onnxpipe" / "sessions"
+
+
+def resolve_session_cache(session_cache) -> tuple[Path | None, bool]:
+    """(cache folder or None, whether it was asked for). session_cache: a folder; False (or "off") for none; None
+    for $ONNXPIPE_SESSION_CACHE (a folder, or "off"), else the default folder (default_session_cache_dir)."""
+    if session_cache is False:
+        return None, True
+    if session_cache is not None and session_cache is not True:
+        if str(session_cache).strip().lower() in _OFF:
+            return None, True
+        return Path(session_cache), True
+    env = os.environ.get("ONNXPIPE_SESSION_CACHE", "").strip()
+    if env:
+        return (None, True) if env.lower() in _OFF else (Path(env), True)
+    return default_session_cache_dir(), False
+
+
+def _weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())
+
+
+def _entry_name(path: Path, ort_version: str, threads: int) -> str:
+    """STEM-PATH-FILES-ENV: which file, which version of it, and what it was packed for (runtime, CPU, threads)."""
+    files = []
     for f in (path, path.with_name(path.name + ".data")):
         if f.exists():
             st = f.stat()
-            parts += [f.name, str(st.st_size), str(st.st_mtime_ns)]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+            files += [f.name, str(st.st_size), str(st.st_mtime_ns)]
+    return "-".join([path.stem, _digest(str(path.resolve()), 8), _digest("\0".join(files), 8),
+                     _digest("\0".join([ort_version, str(threads), _cpu_flags()]), 8)])
+
+
+def _digest(text: str, n: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _prune_stale_entries(cache: Path, entry: Path) -> None:
+    """Remove the entries of earlier versions of the same model file (same stem and path, other files part)."""
+    stem, path_part, files_part, _ = entry.name.rsplit("-", 3)
+    for other in cache.iterdir():
+        parts = other.name.rsplit("-", 3)
+        if len(parts) == 4 and parts[:2] == [stem, path_part] and parts[2] != files_part and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _cpu_flags() -> str:

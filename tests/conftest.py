@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# onnxpipe keeps large graphs' optimized, pre-packed sessions in ~/.cache/onnxpipe/sessions by default: the tests
+# load models without it (hermetic, and nothing written outside the checkout); test_session.py covers the cache
+os.environ["ONNXPIPE_SESSION_CACHE"] = "off"
 CACHE = Path(os.environ.get("ONNXPIPE_TEST_CACHE", ROOT / ".cache" / "tests"))
 ENCODER_ARCHS = ("bert", "distilbert", "roberta")
 DECODER_ARCHS = ("gpt2", "llama")

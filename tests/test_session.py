@@ -124,9 +124,51 @@ def test_session_cache_entry_follows_the_source_files_and_threads(tiny, tmp_path
     cache = tmp_path / "cache"
     a = Session(folder / "model.onnx", session_cache=cache).cached_from
     b = Session(folder / "model.onnx", session_cache=cache, intra_op_num_threads=1).cached_from
+    assert a.exists() and b.exists(), "one entry per thread count"
     (folder / "model.onnx.data").touch()  # re-exported weights: the old entry must not be used
     c = Session(folder / "model.onnx", session_cache=cache).cached_from
     assert len({a, b, c}) == 3 and all(p.parent == cache for p in (a, b, c))
+    assert c.exists() and not a.exists() and not b.exists(), "writing an entry removes the old file's entries"
+    other = tmp_path / "other"
+    shutil.copytree(tiny.export("bert", "text-classification"), other)
+    d = Session(other / "model.onnx", session_cache=cache).cached_from
+    assert d.exists() and c.exists(), "another model file's entries are kept"
+
+
+def test_large_graphs_use_the_default_session_cache_unless_it_is_turned_off(tiny, tmp_path, monkeypatch):
+    """No session_cache= and no ONNXPIPE_SESSION_CACHE: graphs of DEFAULT_CACHE_MIN_BYTES or more are cached under
+    $XDG_CACHE_HOME/onnxpipe/sessions, smaller ones are not; "off" and session_cache=False turn it off."""
+    folder = tiny.export("bert", "text-classification")
+    monkeypatch.delenv("ONNXPIPE_SESSION_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = tmp_path / "xdg" / "onnxpipe" / "sessions"
+    assert session_mod.default_session_cache_dir() == default
+    assert Session(folder / "model.onnx").cached_from is None, "a tiny graph is below the default's size"
+    assert not default.exists()
+    monkeypatch.setattr(session_mod, "DEFAULT_CACHE_MIN_BYTES", 1)  # as if the graph were large
+    first = Session(folder / "model.onnx")
+    assert first.cached_from is not None and first.cached_from.parent == default
+    second = onnxpipe.pipeline("text-classification", model=folder)
+    assert second.model.session().cached_from == first.cached_from
+    assert second("a short text") == onnxpipe.pipeline("text-classification", model=folder, session_cache=False)("a short text")
+    assert Session(folder / "model.onnx", session_cache=False).cached_from is None
+    monkeypatch.setenv("ONNXPIPE_SESSION_CACHE", "off")
+    assert Session(folder / "model.onnx").cached_from is None
+    monkeypatch.setenv("ONNXPIPE_SESSION_CACHE", str(tmp_path / "env"))
+    assert Session(folder / "model.onnx").cached_from.parent == tmp_path / "env"
+
+
+def test_default_session_cache_that_cannot_be_written_is_skipped_silently(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(session_mod, "_warned", set())
+    monkeypatch.delenv("ONNXPIPE_SESSION_CACHE", raising=False)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(session_mod, "DEFAULT_CACHE_MIN_BYTES", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user asked for nothing: no warning either
+        s = Session(tiny.export("bert", "text-classification") / "model.onnx")
+    assert s.cached_from is None and s.run(_bert_feeds())["logits"].shape == (2, 2)
 
 
 def test_session_cache_that_cannot_be_written_warns_and_still_loads(tiny, tmp_path, monkeypatch):
