@@ -35,9 +35,31 @@ def measure(threads: int, quick: bool = False) -> dict:
     }
 
 
-def bandwidth_now(threads: int) -> float:
-    bw = _bandwidth(threads, mib=256, reps=3)
-    return max(bw["threads"]["p50"], bw["one_thread"]["p50"])
+class BandwidthProbe:
+    """numpy's read bandwidth (a 512 MiB float32 array summed in `threads` parts at once), called like a generation
+    contender so it is sampled in the same rounds: `(ids, mask, n)` -> the time at which each of `reps` sums ended."""
+
+    def __init__(self, threads: int, mib: int = 512, reps: int = 8):
+        self.a = np.ones(mib * (1 << 20) // 4, dtype=np.float32)
+        self.parts = np.array_split(self.a, threads)
+        self.reps = reps
+        self.a.sum()
+
+    def __call__(self, ids=None, mask=None, new_tokens=None) -> np.ndarray:
+        time.sleep(QUIESCE_S)  # ORT's threads spin for a while after a run
+        stamps, t0 = [], time.perf_counter()
+        for _ in range(self.reps):
+            workers = [threading.Thread(target=p.sum) for p in self.parts]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            stamps.append(time.perf_counter() - t0)
+        return np.array(stamps)
+
+    def gbs(self, stamps: np.ndarray) -> float:
+        """The bandwidth of a call: the median sum's."""
+        return self.a.nbytes / float(np.median(np.diff(np.concatenate([[0.0], stamps])))) / 1e9
 
 
 def encoder_gflop(layers: int, hidden: int, intermediate: int, seq: int, batch: int = 1) -> float:

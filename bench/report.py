@@ -252,12 +252,14 @@ def _generation_md(rows: list[dict]) -> list[str]:
     out = ["## Generation: greedy, prompt of 64 tokens from real news text", "",
            "Prefill = time to the first new token. Decode = tokens/s over the first 64 and all 256 new tokens "
            "(all sequences of the batch), from one timestamp per token; speed-up vs transformers+torch is paired "
-           "by round. Ceiling = read bandwidth (measured right after the case) / weight bytes streamed per step "
-           "(embedding tables that are only gathered from are not counted).", ""]
+           "by round. Ceiling = read bandwidth / weight bytes streamed per step (embedding tables that are only "
+           "gathered from are not counted); the bandwidth (numpy summing a 512 MiB array) and the fp32 step's "
+           "weight MatMuls alone are sampled in the same rounds as the contenders, and each contender's share of "
+           "a ceiling is the median of its round-by-round shares.", ""]
     for g in rows:
         wb = ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in g["weight_bytes_streamed"].items())
         out += [f"### {g['model']}, batch {g['batch']}", "",
-                f"Weights streamed per step: {wb}; read bandwidth after the case {g['bandwidth_gbs']:.1f} GB/s."
+                f"Weights streamed per step: {wb}; read bandwidth in the same rounds {g['bandwidth_gbs']:.1f} GB/s (median)."
                 + (f" The fp32 step's {g['matmul_floor_fp32']['matmuls']} weight MatMuls alone, in one ONNX Runtime "
                    f"session: {g['matmul_floor_fp32']['p50_ms']:.1f} ms ({g['matmul_floor_fp32']['gbs']:.1f} GB/s), "
                    f"a kernel ceiling of {1e3 / g['matmul_floor_fp32']['p50_ms']:.0f} steps/s."
