@@ -386,25 +386,26 @@ def _colors(names):
 
 def _plot_encoder(ax, results):
     rows = [r for r in results.get("encoder", []) if r["arch"] == "bert" and r["task"] == "text-classification" and r["batch"] == 1]
+    if rows:
+        ax.set_yscale("log")
     width = _grouped_bars(ax, rows, lambda r, n: r["contenders"][n]["p50"], [f"len {r['length']}" for r in rows],
-                          "ms per call, p50 (log)", "BERT-base classification, batch 1 (dashed: fp32 compute floor)")
+                          "ms per call, p50 (log)", "BERT-base classification, batch 1 (dashed: fp32 peak-rate floor)")
     for j, r in enumerate(rows):
         if r["floor_ms"]:
             ax.hlines(r["floor_ms"], j - width / 2, j + 0.8 - width / 2, colors="k", linestyles="--", linewidth=1)
-    if rows:
-        ax.set_yscale("log")
 
 
 def _plot_throughput(ax, results):
     rows = [r for r in results.get("encoder", []) if r["batch"] > 1]
     _grouped_bars(ax, rows, lambda r, n: r["contenders"][n]["items_per_s"],
-                  [f"{r['model']}\n{r['task']}" for r in rows], "items/s (batch 32, len 128)", "Throughput, batch 32")
+                  [f"{_short_model(r['model'])}\n{_SHORT_TASK.get(r['task'], r['task'])}" for r in rows],
+                  "items/s (batch 32, len 128)", "Throughput, batch 32 (* real defaults)")
 
 
 def _plot_decode(ax, results):
     rows = results.get("generation", [])
     _grouped_bars(ax, rows, lambda g, n: g["contenders"][n]["steps_per_s"] * g["batch"],
-                  [f"{g['model']}\nbatch {g['batch']}" for g in rows], "decode tokens/s (median step)", "Greedy decode")
+                  [f"{_short_model(g['model'])}\nbatch {g['batch']}" for g in rows], "decode tokens/s (median step)", "Greedy decode (* real weights)")
 
 
 def _grouped_bars(ax, rows, value, labels, ylabel, title):
@@ -420,8 +421,22 @@ def _grouped_bars(ax, rows, value, labels, ylabel, title):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    top = ax.get_ylim()[1]  # headroom so the legend does not sit on the bars
+    ax.set_ylim(top=top * 6) if ax.get_yscale() == "log" else ax.set_ylim(0, top * 1.45)
+    ax.legend(fontsize=6.5, ncol=2, loc="upper left")
     return width
+
+
+_SHORT_TASK = {"text-classification": "classification", "token-classification": "NER",
+               "question-answering": "QA"}
+
+
+def _short_model(label: str) -> str:
+    """'minilm-l6-sentiment-rt (real default)' -> 'minilm-l6-sentiment-rt*'; '(random)' dropped (axis labels)."""
+    import textwrap
+
+    name, _, note = label.partition(" (")
+    return textwrap.fill(name + ("*" if "real" in note else ""), 14)  # breaks at the hyphens
 
 
 def _plot_coldstart(ax, results):
@@ -429,8 +444,11 @@ def _plot_coldstart(ax, results):
     if not cs:
         ax.set_axis_off()
         return
+    import textwrap
+
     names = list(cs)
-    ax.barh(names, [cs[n]["first_result_s"] for n in names], color="tab:blue")
+    ax.barh([textwrap.fill(n, 34) for n in names], [cs[n]["first_result_s"] for n in names], color="tab:blue")
+    ax.set_xlim(0, max(cs[n]["first_result_s"] for n in names) * 1.3)
     for i, n in enumerate(names):
         ax.text(cs[n]["first_result_s"], i, f" {cs[n]['first_result_s']:.2f} s, {cs[n]['peak_rss_mib']:.0f} MiB",
                 va="center", fontsize=7)
@@ -461,7 +479,7 @@ def update_readme(results: dict, readme: Path) -> bool:
 def readme_section(results: dict) -> str:
     m = results["meta"]
     lines = [
-        "`make bench` (or `python -m bench`) runs everything (~20 min on 2 cores, plus building the benchmark models once); `python -m bench encoder bert` "
+        "`make bench` (or `python -m bench`) runs everything (~16 min on 2 cores, plus building the benchmark models once); `python -m bench encoder bert` "
         "one case; `python -m bench --quick` a small sanity run. Every contender uses the same weights, the same "
         "inputs and the same thread count (torch `set_num_threads`, ONNX Runtime `intra_op_num_threads`), runs "
         "interleaved with the others call by call, and is compared with transformers + torch round by round. "

@@ -1,0 +1,55 @@
+"""bench.report renders a saved full run: targets, tables, README section and plot.
+
+Uses the newest committed `bench/results/run-*.json` of a full run, so a change to the report code that
+no longer reads the run format `python -m bench` writes fails here instead of at the end of a 16-minute run.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def _latest_full_run() -> dict:
+    for path in sorted(RESULTS.glob("run-*.json"), reverse=True):
+        run = json.loads(path.read_text())
+        if run["meta"].get("mode") == "full" and {"encoder", "generation", "coldstart"} <= set(run):
+            return run
+    pytest.skip("no committed full run under bench/results")
+
+
+def test_targets_markdown_readme_and_plot_render_from_a_saved_run(tmp_path):
+    run = _latest_full_run()
+    targets = report.targets(run)
+    names = {t["target"] for t in targets}
+    assert any("b1 L128 fp32" in n for n in names) and any("SmolLM2 decode b1 fp32" in n for n in names)
+    assert any("cold start" in n for n in names) and any("install" in n for n in names)
+    assert all(isinstance(t["pass"], bool) and t["figure"] for t in targets)
+    # the verdicts come from the figures, not from a list: recomputing gives the same answers as stored
+    stored = {t["target"]: t["pass"] for t in run.get("targets", [])}
+    assert all(stored[t["target"]] == t["pass"] for t in targets if t["target"] in stored)
+
+    run = {**run, "targets": targets}
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    report.write(run, md, png)
+    text = md.read_text()
+    for t in targets:
+        assert t["target"] in text
+    assert "## Machine limits" in text and "## Cold start" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+    section = report.readme_section(run)
+    assert section.count("| ") > 20 and "![benchmark plot]" in section
+
+
+def test_readme_update_replaces_only_the_marked_section(tmp_path):
+    run = _latest_full_run()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\nhand-written\n\n{report.README_MARKER}\n\nold table\n\n## Server\n\nkept\n")
+    assert report.update_readme({**run, "targets": report.targets(run)}, readme)
+    text = readme.read_text()
+    assert "hand-written" in text and "old table" not in text and text.endswith("## Server\n\nkept\n")
+    assert "Latest full run:" in text
