@@ -82,12 +82,13 @@ def _run_group(arch, task, shapes, threads, mode, gemm_gflops) -> list[dict]:
         # per round: the peak-rate floor (the model's FLOPs at the probe's rate that round) and the chained matmuls
         round_floor = [flops / (probe_flop / 1e9 / t) for t in probe_t]
         rates = summarize([probe_flop / 1e9 / t for t in probe_t], scale=1.0)
-        floor_ms, chain_ms = float(np.median(round_floor)) * 1e3, summarize(chain_t)["p50"]
+        chain_summary = summarize(chain_t)
+        floor_ms, chain_ms = float(np.median(round_floor)) * 1e3, chain_summary["p50"]
         row = {"model": label, "arch": arch, "task": task, "batch": batch, "length": length,
                "gflop": flops, "floor_ms": floor_ms, "gemm_gflops_case": rates["p50"], "floor_shapes_ms": chain_ms,
                "floor_ms_run_start": flops / gemm_gflops * 1e3 if gemm_gflops else None,
                "floor_paired": {"peak_rate_ms": summarize(round_floor, scale=1e3), "probe_shape": probe_shape,
-                                "probe_gflops": rates, "chain_ms": summarize(chain_t)},
+                                "probe_gflops": rates, "chain_ms": chain_summary},
                "errors": case_errors, "contenders": {}}
         for name, t in times.items():
             s = summarize(t)

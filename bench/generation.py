@@ -137,17 +137,18 @@ def _run_model(name, threads, quick, plan, bandwidth_gbs) -> list[dict]:
         ref = stamps.get(C.REFERENCE)
         for cname, runs in stamps.items():
             row["contenders"][cname] = _summarize_runs(runs, ref, batch, new_tokens)
+            run_steps = [float(np.median(np.diff(r))) for r in runs]  # per round: the median step, seconds
             precision = "int8 dynamic" if "dynamic" in cname else "int8" if "int8" in cname else "fp32"
             wb = weight_bytes.get(precision)
             if wb:
                 ceiling = bw_case * 1e9 / wb  # one pass over the weights per decode step
                 row["contenders"][cname]["ceiling_steps_per_s"] = ceiling
                 # round by round: this contender's step rate over the ceiling at the bandwidth sampled in that round
-                shares = [(1.0 / float(np.median(np.diff(r)))) / (bw * 1e9 / wb) for bw, r in zip(bw_rounds, runs)]
+                shares = [(1.0 / step) / (bw * 1e9 / wb) for bw, step in zip(bw_rounds, run_steps)]
                 row["contenders"][cname]["of_ceiling"] = float(np.median(shares))
             if precision == "fp32":
                 # round by round: the matmuls' step time over this contender's step time in the same round
-                ratios = [f / float(np.median(np.diff(r))) for f, r in zip(floor_steps, runs)]
+                ratios = [f / step for f, step in zip(floor_steps, run_steps)]
                 row["contenders"][cname]["of_matmul_ceiling"] = float(np.median(ratios))
                 row["contenders"][cname]["of_matmul_ceiling_range"] = [float(min(ratios)), float(max(ratios))]
         rows.append(row)

@@ -49,11 +49,7 @@ class BandwidthProbe:
         time.sleep(QUIESCE_S)  # ORT's threads spin for a while after a run
         stamps, t0 = [], time.perf_counter()
         for _ in range(self.reps):
-            workers = [threading.Thread(target=p.sum) for p in self.parts]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
+            _split_sum(self.parts)
             stamps.append(time.perf_counter() - t0)
         return np.array(stamps)
 
@@ -143,17 +139,22 @@ def _bandwidth(threads: int, mib: int, reps: int) -> dict:
         return a.nbytes / (time.perf_counter() - t0) / 1e9
 
     def split():
-        # numpy releases the GIL inside large reductions, so the halves stream concurrently.
-        workers = [threading.Thread(target=p.sum) for p in parts]
         t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        _split_sum(parts)
         return a.nbytes / (time.perf_counter() - t0) / 1e9
 
     return {"mib": mib, "one_thread": summarize([one() for _ in range(reps)], scale=1.0),
             "threads": summarize([split() for _ in range(reps)], scale=1.0)}
+
+
+def _split_sum(parts: list[np.ndarray]) -> None:
+    """Sum each part on a thread of its own: numpy releases the GIL inside large reductions, so they stream
+    concurrently (the read bandwidth of len(parts) cores)."""
+    workers = [threading.Thread(target=p.sum) for p in parts]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
 
 
 class DecodeMatmuls:
@@ -213,12 +214,6 @@ class DecodeMatmuls:
         p50 = float(np.median(times_ms))
         return {"matmuls": self.matmuls, "weight_bytes": self.weight_bytes, "p50_ms": p50, "min_ms": float(min(times_ms)),
                 "gbs": self.weight_bytes / (p50 / 1e3) / 1e9}
-
-
-def decode_matmul_floor_ms(onnx_path, threads: int, batch: int = 1, reps: int = 7) -> dict:
-    """DecodeMatmuls timed on its own, `reps` steps."""
-    floor = DecodeMatmuls(onnx_path, threads, batch)
-    return floor.summary(list(np.diff(floor(new_tokens=reps + 1)) * 1e3))
 
 
 class EncoderMatmulChain:

@@ -1,6 +1,7 @@
 """A run's JSON -> the markdown table (latest.md), the issue's targets checked, and a plot (latest.png)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .contenders import REFERENCE
@@ -151,7 +152,7 @@ def markdown(results: dict) -> str:
     m = results["meta"]
     lines = [f"# onnxpipe benchmark ({m['mode']} run)", "",
              f"Run {m['started']} → {m.get('finished', '?')} ({m.get('duration_s', '?')} s), `{m['command']}`, "
-             f"commit {m['git_commit']}. {m['cpu']} ({m.get('cpu_features') or 'CPU features not recorded'}), {m['cores']} cores, {m['memory_gib']} GiB; **{m['threads']} threads "
+             f"commit {m['git_commit']}. {_cpu(m)}, {m['cores']} cores, {m['memory_gib']} GiB; **{m['threads']} threads "
              f"for every contender**. Load average (1/5/15 min) at start {_load(m['loadavg_start'])}, at end "
              f"{_load(m.get('loadavg_end'))} (2 threads per contender on 2 cores make a load of ~2 on their own): "
              "compare contenders within a row (measured interleaved) rather than across runs.", "",
@@ -185,6 +186,10 @@ def markdown(results: dict) -> str:
     if results.get("fidelity"):
         lines += _fidelity_md(results["fidelity"])
     return "\n".join(lines) + "\n"
+
+
+def _cpu(meta: dict) -> str:
+    return f"{meta['cpu']} ({meta.get('cpu_features') or 'CPU features not recorded'})"
 
 
 def _load(x) -> str:
@@ -433,8 +438,6 @@ _SHORT_TASK = {"text-classification": "classification", "token-classification": 
 
 def _short_model(label: str) -> str:
     """'minilm-l6-sentiment-rt (real default)' -> 'minilm-l6-sentiment-rt*'; '(random)' dropped (axis labels)."""
-    import textwrap
-
     name, _, note = label.partition(" (")
     return textwrap.fill(name + ("*" if "real" in note else ""), 14)  # breaks at the hyphens
 
@@ -444,8 +447,6 @@ def _plot_coldstart(ax, results):
     if not cs:
         ax.set_axis_off()
         return
-    import textwrap
-
     names = list(cs)
     ax.barh([textwrap.fill(n, 34) for n in names], [cs[n]["first_result_s"] for n in names], color="tab:blue")
     ax.set_xlim(0, max(cs[n]["first_result_s"] for n in names) * 1.3)
@@ -490,7 +491,7 @@ def readme_section(results: dict) -> str:
         "figure is also given against them. Full tables: [bench/results/latest.md](bench/results/latest.md); "
         "raw figures: `bench/results/run-*.json`.",
         "",
-        f"Latest full run: {m['started']}, {m['cpu']} ({m.get('cpu_features') or 'CPU features not recorded'}), {m['threads']} threads, load average {_load(m['loadavg_start'])} "
+        f"Latest full run: {m['started']}, {_cpu(m)}, {m['threads']} threads, load average {_load(m['loadavg_start'])} "
         f"at the start and {_load(m.get('loadavg_end'))} at the end"
         + (" (the machine was shared with other jobs: absolute times are noisy, the interleaved ratios much less so)."
            if max(m["loadavg_start"][0], (m.get("loadavg_end") or [0])[0]) > 3.0 else

@@ -62,10 +62,11 @@ class Session:
             so.use_per_session_threads = False
         #: where the optimized, pre-packed graph this session loaded (or wrote) lives; None when not cached
         self.cached_from: Path | None = None
-        cache, explicit = resolve_session_cache(session_cache)
+        cache, explicit = (resolve_session_cache(session_cache) if kind == "cpu" and session_options is None
+                           else (None, False))
         if cache is not None and not explicit and _weight_bytes(self.path) < DEFAULT_CACHE_MIN_BYTES:
             cache = None  # small graphs pre-pack in a few ms: not worth the disk
-        if cache is not None and kind == "cpu" and session_options is None:
+        if cache is not None:
             self._sess = self._cached_session(ort, so, cache, explicit)
             self._finish(kind, index, ort)
             return
@@ -263,17 +264,21 @@ def resolve_session_cache(session_cache) -> tuple[Path | None, bool]:
     return default_session_cache_dir(), False
 
 
+def _graph_files(path: Path) -> list[Path]:
+    """The graph and its external-weights file (the export's `model.onnx.data`), those that exist."""
+    return [f for f in (path, path.with_name(path.name + ".data")) if f.exists()]
+
+
 def _weight_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in (path, path.with_name(path.name + ".data")) if f.exists())
+    return sum(f.stat().st_size for f in _graph_files(path))
 
 
 def _entry_name(path: Path, ort_version: str, threads: int) -> str:
     """STEM-PATH-FILES-ENV: which file, which version of it, and what it was packed for (runtime, CPU, threads)."""
     files = []
-    for f in (path, path.with_name(path.name + ".data")):
-        if f.exists():
-            st = f.stat()
-            files += [f.name, str(st.st_size), str(st.st_mtime_ns)]
+    for f in _graph_files(path):
+        st = f.stat()
+        files += [f.name, str(st.st_size), str(st.st_mtime_ns)]
     return "-".join([path.stem, _digest(str(path.resolve()), 8), _digest("\0".join(files), 8),
                      _digest("\0".join([ort_version, str(threads), _cpu_flags()]), 8)])
 
