@@ -31,7 +31,8 @@ def checkpoint(arch: str, task: str) -> Path:
 
 def current(out: Path) -> bool:
     """A finished model folder in the export's current format (weights as external data, decoders' int8
-    weight-only, Llama attention fused with its head layout and cache folded in, sibling MatMuls merged): a folder from an older export is rebuilt rather than measured."""
+    weight-only, Llama attention fused with its head layout and cache folded in, sibling MatMuls merged, then
+    GroupQueryAttention): a folder from an older export is rebuilt rather than measured."""
     import json
 
     from onnxpipe.export.core import WEIGHT_ONLY_INT8_BLOCK
@@ -45,7 +46,8 @@ def current(out: Path) -> bool:
     opt = manifest.get("optimization") or {}
     fused = opt.get("fused_ops") or {}
     optimized = manifest["model_type"] != "llama" or bool(opt.get("applied") and fused.get("Attention")
-                                                          and fused.get("AttentionLayout") and fused.get("MergedMatMul"))
+                                                          and fused.get("AttentionLayout") and fused.get("MergedMatMul")
+                                                          and fused.get("GroupQueryAttention"))
     return int8["method"].startswith("weight-only") and int8.get("block_size") == WEIGHT_ONLY_INT8_BLOCK and bool(optimized)
 
 

@@ -5,6 +5,10 @@ single-token steps) with ONNX Runtime's profiler on, and prints the step's wall 
 kernel time per operator type, so a slow step can be split into weight MatMuls (bandwidth-bound) and the
 rest (graph overhead: Concat/Reshape/Transpose around attention, norms, RoPE).
 The raw ORT profile (chrome://tracing JSON) is kept under --out.
+
+`--against OTHER_FOLDER` instead times the two folders' unprofiled decode steps A B A B in one process
+(--rounds rounds of --steps steps each) and prints each round's step median: how an export change
+(e.g. `--attention gqa` vs `--attention onnx`) moves the step, with this machine's drift shared.
 """
 from __future__ import annotations
 
@@ -21,54 +25,84 @@ import onnxruntime as ort
 
 def profile(folder: Path, precision: str = "fp32", threads: int = 2, prompt: int = 64, steps: int = 64,
             out: Path | None = None) -> dict:
-    manifest = json.loads((folder / "onnxpipe.json").read_text())
-    kv = manifest.get("kv_cache")
-    if not kv:
-        raise SystemExit(f"{folder}: not a decoder with a KV cache (manifest has no kv_cache)")
-    files = manifest["files"]["model"]
-    if precision not in files:
-        raise SystemExit(f"{folder}: no {precision} graph (has {', '.join(files)})")
+    manifest, path = _read(folder, precision)
     out = out or Path("bench/results/profiles")
     out.mkdir(parents=True, exist_ok=True)
-    path = str(folder / files[precision]["path"])
-    outputs = ["logits", *kv["present_names"]]
-    vocab = next(o["shape"][-1] for o in manifest["io"]["model"]["outputs"] if o["name"] == "logits")
-    prompt_ids = np.random.default_rng(0).integers(0, vocab, size=(1, prompt), dtype=np.int64)
-    empty = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
 
     def session(profiled: bool):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        if profiled:
-            so.enable_profiling = True
-            so.profile_file_prefix = str(out / f"{folder.name}-{precision}")
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return _session(path, threads, profiled, out / f"{folder.name}-{precision}")
 
     def loop(sess) -> list[float]:
-        inputs = {i.name for i in sess.get_inputs()}
-
-        def feeds(ids, total, cache):
-            f = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
-                 "position_ids": np.arange(total - ids.shape[1], total, dtype=np.int64)[None]}
-            if manifest.get("logits_to_keep_input"):
-                f[manifest["logits_to_keep_input"]] = np.array([1], np.int64)
-            f.update(zip(kv["past_names"], cache))
-            return {k: v for k, v in f.items() if k in inputs}
-
-        res = sess.run(outputs, feeds(prompt_ids, prompt, [empty] * len(kv["past_names"])))
-        walls = []
-        for t in range(steps):
-            f = feeds(np.array([[int(np.argmax(res[0][0, -1]))]], np.int64), prompt + t + 1, res[1:])
-            t0 = time.perf_counter()
-            res = sess.run(outputs, f)
-            walls.append(time.perf_counter() - t0)
-        return walls
+        return _loop(sess, manifest, prompt, steps)
 
     # the same loop without the profiler first: its per-node timing inflates the step (~10 us x nodes)
     plain = loop(session(False))
     sess = session(True)
     walls = loop(sess)
+    return _summarize(sess, folder, precision, threads, prompt, steps, plain, walls)
+
+
+def _session(path: str, threads: int, profiled: bool, prefix: Path | None = None):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if profiled:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(prefix)
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _read(folder: Path, precision: str) -> tuple[dict, str]:
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    if not manifest.get("kv_cache"):
+        raise SystemExit(f"{folder}: not a decoder with a KV cache (manifest has no kv_cache)")
+    files = manifest["files"]["model"]
+    if precision not in files:
+        raise SystemExit(f"{folder}: no {precision} graph (has {', '.join(files)})")
+    return manifest, str(folder / files[precision]["path"])
+
+
+def _loop(sess, manifest: dict, prompt: int, steps: int) -> list[float]:
+    """Greedy: the prompt (random ids, seed 0) in one run, then `steps` single-token runs; their wall times."""
+    kv = manifest["kv_cache"]
+    outputs = ["logits", *kv["present_names"]]
+    vocab = next(o["shape"][-1] for o in manifest["io"]["model"]["outputs"] if o["name"] == "logits")
+    prompt_ids = np.random.default_rng(0).integers(0, vocab, size=(1, prompt), dtype=np.int64)
+    empty = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
+    inputs = {i.name for i in sess.get_inputs()}
+
+    def feeds(ids, total, cache):
+        f = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
+             "position_ids": np.arange(total - ids.shape[1], total, dtype=np.int64)[None]}
+        if manifest.get("logits_to_keep_input"):
+            f[manifest["logits_to_keep_input"]] = np.array([1], np.int64)
+        f.update(zip(kv["past_names"], cache))
+        return {k: v for k, v in f.items() if k in inputs}
+
+    res = sess.run(outputs, feeds(prompt_ids, prompt, [empty] * len(kv["past_names"])))
+    walls = []
+    for t in range(steps):
+        f = feeds(np.array([[int(np.argmax(res[0][0, -1]))]], np.int64), prompt + t + 1, res[1:])
+        t0 = time.perf_counter()
+        res = sess.run(outputs, f)
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
+def compare(a: Path, b: Path, precision: str = "fp32", threads: int = 2, prompt: int = 64, steps: int = 128,
+            rounds: int = 6) -> dict:
+    """Unprofiled decode steps of folders a and b, A B A B in one process: each round's step median (ms)."""
+    loaded = [(_read(f, precision)) for f in (a, b)]
+    sessions = [_session(path, threads, False) for _, path in loaded]
+    medians: dict[str, list[float]] = {str(a): [], str(b): []}
+    for _ in range(rounds):
+        for folder, (manifest, _), sess in zip((a, b), loaded, sessions):
+            medians[str(folder)].append(float(np.median(_loop(sess, manifest, prompt, steps)) * 1e3))
+    return {"precision": precision, "threads": threads, "prompt": prompt, "steps": steps, "step_ms_by_round": medians,
+            "ratio_b_over_a_by_round": [y / x for x, y in zip(medians[str(a)], medians[str(b)])]}
+
+
+def _summarize(sess, folder, precision, threads, prompt, steps, plain, walls) -> dict:
     trace = sess.end_profiling()
     events = json.loads(Path(trace).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
@@ -115,7 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--out", type=Path, default=None, help="where the raw ORT trace goes (bench/results/profiles)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--against", type=Path, default=None, metavar="OTHER_FOLDER",
+                   help="time FOLDER and OTHER_FOLDER's unprofiled steps A B A B instead of profiling")
+    p.add_argument("--rounds", type=int, default=6, help="with --against: rounds of --steps steps per folder")
     a = p.parse_args(argv)
+    if a.against is not None:
+        r = compare(a.folder, a.against, a.precision, a.threads, a.prompt, a.steps, a.rounds)
+        if a.json:
+            print(json.dumps(r, indent=1))
+        else:
+            for folder, ms in r["step_ms_by_round"].items():
+                print(f"{folder}: step p50 by round {' '.join(f'{x:.2f}' for x in ms)} ms, median {np.median(ms):.2f}")
+            ratios = r["ratio_b_over_a_by_round"]
+            print(f"second / first, round by round: {' '.join(f'{x:.3f}' for x in ratios)}, median {np.median(ratios):.3f}")
+        return 0
     r = profile(a.folder, a.precision, a.threads, a.prompt, a.steps, a.out)
     print(json.dumps(r, indent=1) if a.json else render(r))
     return 0

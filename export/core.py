@@ -41,6 +41,13 @@ OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert"
                          # then graph.py fuses each layer's attention and RoPE into ONNX Attention / RotaryEmbedding
                          # (opset 23): 3,625 -> 1,285 nodes, fp32 decode step 40-44 -> 36 ms here
                          "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2", "qwen3": "gpt2"}
+# Attention of a Llama-family decoder fused by --optimize: "gqa" is com.microsoft GroupQueryAttention
+# (packed QKV, RoPE inside; SmolLM2 fp32 decode step 18.1 -> 16.6 ms here), whose CUDA kernel is float16
+# only (fp32 graphs run those nodes on the CPU); "onnx" keeps ONNX Attention + RotaryEmbedding (opset 23).
+ATTENTION_KINDS = ("gqa", "onnx")
+# GroupQueryAttention reads RoPE from cos/sin tables of this many positions at most (a 128-dim head: 8 MiB
+# each); the manifest's max_positions is capped to it, so generation stops there.
+GQA_MAX_POSITIONS = 32768
 WEIGHT_TYPES = ("quint8", "qint8")
 # Measured here (AVX2, no VNNI; bench/quantization_choice.py, README "int8 defaults"): with per-channel
 # scales QInt8 was as faithful as QUInt8 (MiniLM sentence cosine 0.971 vs 0.971; SmolLM2 perplexity 57 vs 62,
@@ -67,6 +74,7 @@ def export_model(
     reduce_range: bool = False,
     int8_method: str = "auto",
     optimize: bool = False,
+    attention: str = "gqa",
     opset: int | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-4,
@@ -80,6 +88,8 @@ def export_model(
     """
     out = Path(out)
     precisions = _parse_quantize(quantize)
+    if attention not in ATTENTION_KINDS:
+        raise ExportError(f"--attention {attention!r} is not supported: use one of {', '.join(ATTENTION_KINDS)}")
     if weight_type.lower() not in WEIGHT_TYPES:
         raise ExportError(f"--weight-type {weight_type!r} is not supported: use one of {', '.join(WEIGHT_TYPES)}")
     if int8_method not in INT8_METHODS:
@@ -112,7 +122,7 @@ def export_model(
             if not (tmp_out / "tokenizer.json").exists():
                 raise ExportError(f"checkpoint {source.path} has a tokenizer without a fast (tokenizer.json) form; "
                                   "onnxpipe needs one: save it with a transformers *TokenizerFast first")
-            optimization = _maybe_optimize(tmp_out, roles, config, optimize)
+            optimization = _maybe_optimize(tmp_out, roles, config, optimize, attention)
             from .validate import validate_export, measure_fidelity
             validation = validate_export(model, tokenizer, task, tmp_out, roles, atol=atol, rtol=rtol) if validate \
                 else {"passed": None, "skipped": True, "results": []}
@@ -281,7 +291,7 @@ def _prune_tokenizer_sources(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
+def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: str = "gqa") -> dict:
     if not optimize:
         return {"applied": False, "note": "not requested (--optimize)"}
     model_type = OPTIMIZER_MODEL_TYPES.get(config.model_type)
@@ -300,8 +310,9 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
         warnings.simplefilter("ignore")
         opt = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden, opt_level=1)
     before = _count_nodes(path)
-    from .graph import (fold_attention_layout, fuse_decoder_attention, fuse_rotary_embeddings,
-                        fuse_sibling_matmuls, retie_transposed_weights)
+    extra = {"attention": attention} if model_type == "gpt2" else {}
+    from .graph import (fold_attention_layout, fuse_decoder_attention, fuse_group_query_attention,
+                        fuse_rotary_embeddings, fuse_sibling_matmuls, retie_transposed_weights)
     retie_transposed_weights(opt.model)  # keep a tied LM head tied on disk
     fused_ops = opt.get_fused_operator_statistics()
     if model_type == "gpt2":  # Llama-family decoders: attention and RoPE as ONNX opset-23 ops (graph.py)
@@ -310,9 +321,20 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool) -> dict:
         fused_ops["Attention"] = fuse_decoder_attention(opt.model, num_heads, kv_heads)
         fused_ops["AttentionLayout"] = fold_attention_layout(opt.model)  # 3D Q/K/V, cache inside Attention
         fused_ops["MergedMatMul"] = fuse_sibling_matmuls(opt.model)  # q/k/v and gate/up: one MatMul each
+        if attention == "gqa":  # packed QKV, RoPE inside: com.microsoft GroupQueryAttention (CPU)
+            positions = min(_max_positions(config) or 0, GQA_MAX_POSITIONS)
+            fused_ops["GroupQueryAttention"] = fuse_group_query_attention(opt.model, positions)
+            if fused_ops["GroupQueryAttention"]:
+                extra["rotary_table_positions"] = positions
     opt.save_model_to_file(str(path))
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
-            "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": fused_ops}
+            "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": fused_ops, **extra}
+
+
+def _max_positions(config):
+    from .manifest import _max_positions as max_positions
+
+    return max_positions(config)
 
 
 def _count_nodes(path: Path) -> int:

@@ -43,7 +43,7 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
         "label2id": label2id,
         "problem_type": getattr(config, "problem_type", None),
         "num_labels": getattr(config, "num_labels", None) if id2label else None,
-        "max_positions": _max_positions(config),
+        "max_positions": _capped(_max_positions(config), (optimization or {}).get("rotary_table_positions")),
         "tokenizer": _tokenizer_info(tokenizer, config),
         "generation": _generation(model),
         "chat_template": getattr(tokenizer, "chat_template", None),
@@ -115,6 +115,10 @@ def _kv_cache(task, io, config):
     if cross:
         info["encoder_num_kv_heads"] = cross[0]["shape"][1]
     return info
+
+
+def _capped(positions, cap):
+    return min(positions, cap) if positions and cap else positions
 
 
 def _max_positions(config):

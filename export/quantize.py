@@ -28,13 +28,15 @@ def quantize_int8(out_dir: Path, roles: dict, *, weight_type: str, per_channel: 
     return int8
 
 
-DYNAMIC_ON_FUSED_DECODER = ("dynamic int8 of a decoder fused by --optimize (ONNX Attention, opset 23) comes out wrong: "
+DYNAMIC_ON_FUSED_DECODER = ("dynamic int8 of a decoder fused by --optimize (ONNX Attention, opset 23, or GroupQueryAttention) "
+                            "comes out wrong: "
                             "ONNX Runtime's dynamic quantizer breaks that graph (SmolLM2 logits off by ~40 from position 0, "
                             "perplexity x1e6); use the decoders' default weight-only int8, or export without --optimize")
 
 
 def check_dynamic_int8_supported(path) -> None:
-    """Refuse dynamic int8 of a graph with ONNX-domain `Attention` nodes (--optimize on Llama decoders).
+    """Refuse dynamic int8 of a graph with ONNX-domain `Attention` or com.microsoft `GroupQueryAttention` nodes
+    (--optimize on Llama decoders; the latter not checked on a real model yet, so refused alike).
 
     ONNX Runtime's dynamic quantizer goes by op type alone and rewrites them as com.microsoft QAttention,
     which has no grouped-KV heads (the result does not load); with them left float the rest still comes
@@ -44,7 +46,8 @@ def check_dynamic_int8_supported(path) -> None:
     from .errors import ExportError
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    if any(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in graph.node):
+    if any((n.op_type == "Attention" and n.domain in ("", "ai.onnx")) or n.op_type == "GroupQueryAttention"
+           for n in graph.node):
         raise ExportError(DYNAMIC_ON_FUSED_DECODER)
 
 

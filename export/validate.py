@@ -77,7 +77,7 @@ def _cosine(a, b):
 def _compare_cases(model, tokenizer, task, out_dir, roles):
     sessions = {role: _session(out_dir / f) for role, f in roles.items()}
     if task == "text-generation":
-        yield from _decoder_cases(model, tokenizer, sessions["model"])
+        yield from _decoder_cases(model, tokenizer, sessions["model"], _keys_rotated_by_index(out_dir / roles["model"]))
     elif task == "text2text-generation":
         yield from _seq2seq_cases(model, tokenizer, sessions)
     else:
@@ -111,7 +111,11 @@ def _encoder_cases(model, tokenizer, sess):
             yield "model", case, name, r, got[name], mask if per_token else None
 
 
-def _decoder_cases(model, tokenizer, sess):
+def _decoder_cases(model, tokenizer, sess, keys_rotated_by_index: bool = False):
+    """keys_rotated_by_index: the graph's attention (GroupQueryAttention, graph.fuse_group_query_attention)
+    rotates a left-padded row's keys by their index rather than their position; its present.*.key is then
+    compared with torch's cache from a second run fed those index positions (logits and values with the
+    normal run's, which they equal: rotary attention sees only relative positions)."""
     import torch
 
     input_names = [i.name for i in sess.get_inputs()]
@@ -133,7 +137,7 @@ def _decoder_cases(model, tokenizer, sess):
             for n in past_names:
                 heads, head_dim = shapes[n][1], shapes[n][3]
                 past[n] = np.zeros((batch, heads, 0, head_dim), np.float32)
-            torch_cache = None
+            torch_cache = index_cache = None
             step_ids = ids
             for step in range(3):
                 pos = np.cumsum(mask, -1) - 1
@@ -155,10 +159,19 @@ def _decoder_cases(model, tokenizer, sess):
                         kw["position_ids"] = torch.from_numpy(pos)
                     ref = model(**kw)
                 torch_cache = ref.past_key_values
+                keys = [k for k, _ in _cache_layers(torch_cache)]
+                if keys_rotated_by_index:
+                    total = mask.shape[1]
+                    index_pos = np.broadcast_to(np.arange(total - step_ids.shape[1], total), step_ids.shape)
+                    with torch.no_grad():
+                        index_cache = model(**{**kw, "past_key_values": index_cache, "use_cache": True,
+                                               "position_ids": torch.from_numpy(index_pos.copy())}
+                                            ).past_key_values
+                    keys = [k for k, _ in _cache_layers(index_cache)]
                 name = "prefill" if step == 0 else f"decode step {step}"
                 step_mask = mask[:, -step_ids.shape[1]:]
                 yield "model", f"{case},{name}", "logits", ref.logits.numpy(), got["logits"], step_mask
-                for i, (k, v) in enumerate(_cache_layers(torch_cache)):
+                for i, (k, v) in enumerate(zip(keys, [v for _, v in _cache_layers(torch_cache)])):
                     for kind, t in (("key", k), ("value", v)):
                         yield "model", f"{case},{name}", f"present.{i}.{kind}", t.numpy(), got[f"present.{i}.{kind}"], \
                             mask
@@ -217,6 +230,12 @@ def _seq2seq_cases(model, tokenizer, sessions):
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+def _keys_rotated_by_index(path) -> bool:
+    import onnx
+
+    return any(n.op_type == "GroupQueryAttention" for n in onnx.load(str(path), load_external_data=False).graph.node)
+
 
 def _session(path):
     import onnxruntime as ort

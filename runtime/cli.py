@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="int8 as dynamic quantization (weights int8, activations quantized per call) or weight-only "
                          "8-bit blocks (MatMulNBits); auto (default): weight-only for text-generation, dynamic elsewhere")
     ex.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer fusions (encoders)")
+    ex.add_argument("--attention", choices=["gqa", "onnx"], default="gqa",
+                    help="decoders with --optimize: com.microsoft GroupQueryAttention (fastest on CPU; its CUDA kernel "
+                         "is float16-only) or ONNX Attention opset 23 (runs on CUDA in float32)")
     ex.add_argument("--opset", type=int, default=None)
     ex.add_argument("--atol", type=float, default=1e-4, help="validation: absolute tolerance (default 1e-4)")
     ex.add_argument("--rtol", type=float, default=1e-4, help="validation: tolerance relative to the output's max |value|")
@@ -79,7 +82,7 @@ def _export(args) -> int:
         raise ValueError(f"export needs the export extra ({e.name} is missing): pip install 'onnxpipe[export]'") from None
     out = export_model(args.checkpoint, args.out, args.task, quantize=args.quantize, weight_type=args.weight_type,
                        per_channel=args.per_channel, reduce_range=args.reduce_range, int8_method=args.int8_method,
-                       optimize=args.optimize,
+                       optimize=args.optimize, attention=args.attention,
                        opset=args.opset, atol=args.atol, rtol=args.rtol, validate=not args.no_validate)
     manifest = json.loads((out / "onnxpipe.json").read_text())
     v = manifest["validation"]

@@ -53,7 +53,14 @@ class ModelDir:
             entry = self.manifest["files"].get(role)
             if entry is None:
                 raise ValueError(f"model dir '{self.path}' has no '{role}' graph (it has: {', '.join(self.roles)})")
-            self._sessions[role] = Session(self.path / entry[self.precision]["path"], **self._session_kwargs)
+            session = Session(self.path / entry[self.precision]["path"], **self._session_kwargs)
+            fused = ((self.manifest.get("optimization") or {}).get("fused_ops") or {}).get("GroupQueryAttention")
+            if session.device == "cuda" and fused:
+                Session._warn_once(f"onnxpipe: {self.path.name} was exported with --attention gqa (com.microsoft "
+                                   "GroupQueryAttention, the fastest on CPU), which ONNX Runtime's CUDA provider runs in "
+                                   "float16 only: its attention nodes run on the CPU, with copies of the KV cache every "
+                                   "step; for CUDA serving export with --attention onnx", stacklevel=3)
+            self._sessions[role] = session
         return self._sessions[role]
 
     def __repr__(self) -> str:

@@ -36,17 +36,18 @@ def tiny_checkpoint(arch: str, task: str, **overrides) -> Path:
     return cached_checkpoint(arch, task, CACHE / "checkpoints", **overrides)
 
 
-def tiny_export(arch: str, task: str, *, quantize: str | None = "int8", optimize: bool = False, **overrides) -> Path:
+def tiny_export(arch: str, task: str, *, quantize: str | None = "int8", optimize: bool = False,
+                attention: str = "gqa", **overrides) -> Path:
     """Export (once per exporter version) the tiny `arch` checkpoint for `task`; returns the model dir."""
     from onnxpipe.export import export_model
 
     ckpt = tiny_checkpoint(arch, task, **overrides)
-    key = json.dumps([str(ckpt), quantize, optimize, _export_code_hash()])
+    key = json.dumps([str(ckpt), quantize, optimize, _export_code_hash()] + ([attention] if attention != "gqa" else []))
     out = CACHE / "exports" / f"{ckpt.name}-{'opt' if optimize else 'plain'}-{quantize or 'fp32'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     if not (out / "onnxpipe.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
-        export_model(ckpt, out, task, quantize=quantize, optimize=optimize)
+        export_model(ckpt, out, task, quantize=quantize, optimize=optimize, attention=attention)
     return out
 
 

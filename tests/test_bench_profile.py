@@ -23,3 +23,16 @@ def test_profile_refuses_an_encoder_folder_by_name(tmp_path):
     folder = tiny_export("bert", "text-classification")
     with pytest.raises(SystemExit, match="not a decoder with a KV cache"):
         profile(folder, out=tmp_path)
+
+
+def test_compare_times_two_exports_round_by_round():
+    from bench.profile_decode import compare
+
+    onnx_attention = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16,
+                                 attention="onnx")
+    gqa = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16)
+    r = compare(onnx_attention, gqa, threads=1, prompt=5, steps=3, rounds=2)
+    assert list(r["step_ms_by_round"]) == [str(onnx_attention), str(gqa)]
+    assert all(len(v) == 2 and min(v) > 0 for v in r["step_ms_by_round"].values())
+    a, b = r["step_ms_by_round"].values()
+    assert r["ratio_b_over_a_by_round"] == pytest.approx([y / x for x, y in zip(a, b)])

@@ -447,6 +447,54 @@ def test_optimize_fuses_llama_norms_and_generates_the_same_tokens():
     np.testing.assert_array_equal(a, b)
 
 
+GQA_LLAMA = {"hidden_size": 64, "head_dim": 16}  # the CPU kernel wants head_dim % 16 == 0 (the tiny default is 8)
+
+
+def test_optimize_makes_llama_attention_one_group_query_attention_node(tmp_path):
+    """--optimize (attention "gqa", the default) turns each layer's q/k/v MatMul + Split + two RotaryEmbeddings +
+    Attention into one packed MatMul and one com.microsoft GroupQueryAttention that rotates Q/K itself; the
+    cache interface stays, validation (which checks present.* too) passes, and --attention onnx keeps the
+    opset-23 graph. Token-for-token equality with transformers: tests/test_generation.py, arch "llama-gqa"."""
+    import onnx
+
+    fused = tiny_export("llama", "text-generation", optimize=True, **GQA_LLAMA)
+    m = _manifest(fused)
+    layers = len(m["kv_cache"]["past_names"]) // 2
+    assert m["optimization"]["attention"] == "gqa" and m["optimization"]["fused_ops"]["GroupQueryAttention"] == layers
+    assert m["validation"]["passed"] and m["optimization"]["rotary_table_positions"] == m["max_positions"] == 256
+    graph = onnx.load(str(fused / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GroupQueryAttention") == layers
+    assert "Attention" not in ops and "RotaryEmbedding" not in ops and "Softmax" not in ops
+    assert ops.count("Split") == layers  # gate/up only: q/k/v go in packed
+    producer = {o: n for n in graph.node for o in n.output}
+    pasts = {i.name for i in graph.input if i.name.startswith("past_key_values")}
+    presents = {o.name for o in graph.output if o.name.startswith("present")}
+    for gqa in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+        assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+        assert producer[gqa.input[0]].op_type == "MatMul" and gqa.input[1] == gqa.input[2] == ""
+        assert set(gqa.input[3:5]) <= pasts and set(gqa.output[1:]) <= presents
+    # the rotary tables are the graph's own RoPE: row p is transformers' cos/sin at position p
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(fused / "model.onnx")).graph.initializer
+             if i.name.startswith("gqa/")}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama", "text-generation", **GQA_LLAMA))
+    x = torch.zeros(1, 1, 16)
+    cos, sin = hf.model.rotary_emb(x, torch.tensor([[0, 5, 255]]))
+    np.testing.assert_allclose(inits["gqa/cos_cache"][[0, 5, 255]], cos[0, :, :8].numpy(), atol=1e-6)
+    np.testing.assert_allclose(inits["gqa/sin_cache"][[0, 5, 255]], sin[0, :, :8].numpy(), atol=1e-6)
+    # weight-only int8 of the fused graph keeps GroupQueryAttention and stays close to fp32
+    int8 = m["quantization"]["int8"]["fidelity"]["model"]["logits"]
+    assert int8["top1_agreement"] >= 0.9
+    onnx_kind = export_model(tiny_checkpoint("llama", "text-generation", **GQA_LLAMA), tmp_path / "onnx",
+                             "text-generation", optimize=True, attention="onnx")
+    ops = [n.op_type for n in onnx.load(str(onnx_kind / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Attention") == layers and "GroupQueryAttention" not in ops
+    assert _manifest(onnx_kind)["optimization"]["attention"] == "onnx"
+    with pytest.raises(ExportError, match="--attention 'flash' is not supported"):
+        export_model(tiny_checkpoint("llama", "text-generation"), tmp_path / "x", "text-generation", attention="flash")
+
+
 def test_dynamic_int8_of_a_fused_llama_is_refused_with_a_clear_error(tmp_path):
     """ONNX Runtime's dynamic quantizer breaks a Llama graph fused into opset-23 Attention (first it made the
     attention a com.microsoft QAttention that does not load; with those nodes left float the logits still come

@@ -1,4 +1,5 @@
-"""Generated token ids equal transformers' `model.generate` on the same tiny checkpoints (GPT-2, Llama, T5, BART).
+"""Generated token ids equal transformers' `model.generate` on the same tiny checkpoints (GPT-2, Llama, T5, BART,
+and a Llama fused by --optimize into GroupQueryAttention: "llama-gqa").
 
 Greedy and beam search, one prompt and a batch (left padding for decoders, right padding for the
 encoder of seq2seq models), with each deterministic option; EOS handling uses an EOS id picked from
@@ -20,7 +21,20 @@ from onnxpipe import ModelDir  # noqa: E402
 from onnxpipe.generation import Generator  # noqa: E402
 
 ARCHS = {"gpt2": "text-generation", "llama": "text-generation", "t5": "text2text-generation",
-         "bart": "text2text-generation"}
+         "bart": "text2text-generation", "llama-gqa": "text-generation"}
+# arch -> (tiny architecture, config overrides, --optimize): GroupQueryAttention's CPU kernel wants head_dim % 16 == 0
+VARIANTS = {"llama-gqa": ("llama", {"hidden_size": 64, "head_dim": 16}, True)}
+
+
+def _variant(arch):
+    return VARIANTS.get(arch, (arch, {}, False))
+
+
+def tiny_export_of(arch):
+    from conftest import tiny_export
+
+    base, overrides, optimize = _variant(arch)
+    return tiny_export(base, ARCHS[arch], optimize=optimize, **overrides)
 PROMPTS = ["the quick brown fox jumps over", "hello"]
 CASES = {
     "greedy": dict(max_new_tokens=12),
@@ -53,7 +67,8 @@ EOS_CASES = {
 def _hf(arch):
     from conftest import tiny_checkpoint
 
-    ckpt = tiny_checkpoint(arch, ARCHS[arch])
+    base, overrides, _ = _variant(arch)
+    ckpt = tiny_checkpoint(base, ARCHS[arch], **overrides)
     cls = transformers.AutoModelForCausalLM if ARCHS[arch] == "text-generation" else transformers.AutoModelForSeq2SeqLM
     model = cls.from_pretrained(ckpt).eval()
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
@@ -66,9 +81,7 @@ def _hf(arch):
 
 @functools.lru_cache(maxsize=None)
 def _generator(arch):
-    from conftest import tiny_export
-
-    return Generator(ModelDir(tiny_export(arch, ARCHS[arch])))
+    return Generator(ModelDir(tiny_export_of(arch)))
 
 
 def _inputs(arch, batched):
@@ -156,7 +169,7 @@ def _stop_string(arch, input_ids, attention_mask):
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["batch1", "left-padded-batch2"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "llama-gqa"])
 def test_stop_strings_match_transformers(arch, batched):
     _, tok = _hf(arch)
     input_ids, attention_mask = _inputs(arch, batched)
@@ -194,7 +207,7 @@ def test_sampling_with_top_k_1_equals_greedy(arch):
 
 @pytest.mark.parametrize("options", [dict(), dict(top_k=20, top_p=0.9, temperature=0.8), dict(num_beams=3)],
                          ids=["multinomial", "top_k-top_p-temperature", "beam-sample"])
-@pytest.mark.parametrize("arch", ["llama", "bart"])
+@pytest.mark.parametrize("arch", ["llama", "bart", "llama-gqa"])
 def test_sampling_same_seed_same_tokens(arch, options):
     input_ids, attention_mask = _inputs(arch, batched=True)
     gen = _generator(arch)
@@ -251,10 +264,8 @@ def test_cuda_io_binding_matches_cpu():
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("no CUDAExecutionProvider in this onnxruntime build")
-    from conftest import tiny_export
-
     for arch in ARCHS:
-        gpu = Generator(ModelDir(tiny_export(arch, ARCHS[arch]), device="cuda"))
+        gpu = Generator(ModelDir(tiny_export_of(arch), device="cuda"))
         if gpu.model.session("model" if ARCHS[arch] == "text-generation" else "decoder").device != "cuda":
             pytest.skip("CUDA provider could not be created on this machine")
         input_ids, attention_mask = _inputs(arch, batched=True)

@@ -82,6 +82,30 @@ def test_cuda_without_cuda_warns_once_and_runs_on_cpu(tiny, monkeypatch):
     assert result[0]["label"] in ("NEGATIVE", "POSITIVE")
 
 
+def test_group_query_attention_export_on_cuda_warns_that_its_attention_runs_on_cpu(monkeypatch):
+    """ONNX Runtime's CUDA GroupQueryAttention is float16-only: an --attention gqa export on CUDA says so and
+    names the export option that avoids it (the CUDA session is simulated: no GPU here)."""
+    from conftest import tiny_export
+
+    monkeypatch.setattr(session_mod, "_warned", set())
+    finish = Session._finish
+
+    def on_cuda(self, kind, index, ort_mod):
+        finish(self, kind, index, ort_mod)
+        self.device = "cuda"
+
+    monkeypatch.setattr(Session, "_finish", on_cuda)
+    gqa = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16)
+    onnx_attention = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16,
+                                 attention="onnx")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        onnxpipe.ModelDir(gqa, device="cuda").session()
+        onnxpipe.ModelDir(onnx_attention, device="cuda").session()
+    messages = [str(w.message) for w in caught if "GroupQueryAttention" in str(w.message)]
+    assert len(messages) == 1 and "--attention onnx" in messages[0] and "run on the CPU" in messages[0]
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA device")
 def test_cuda_session_runs_on_cuda_and_matches_cpu(tiny):
     path = tiny.export("bert", "text-classification")
