@@ -312,7 +312,8 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
     before = _count_nodes(path)
     extra = {"attention": attention} if model_type == "gpt2" else {}
     from .graph import (fold_attention_layout, fuse_decoder_attention, fuse_group_query_attention,
-                        fuse_rotary_embeddings, fuse_sibling_matmuls, retie_transposed_weights)
+                        fuse_rotary_embeddings, fuse_sibling_matmuls, prepare_shared_kv_buffer,
+                        retie_transposed_weights)
     retie_transposed_weights(opt.model)  # keep a tied LM head tied on disk
     fused_ops = opt.get_fused_operator_statistics()
     if model_type == "gpt2":  # Llama-family decoders: attention and RoPE as ONNX opset-23 ops (graph.py)
@@ -326,6 +327,7 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
             fused_ops["GroupQueryAttention"] = fuse_group_query_attention(opt.model, positions)
             if fused_ops["GroupQueryAttention"]:
                 extra["rotary_table_positions"] = positions
+                extra["kv_shared_buffer"] = prepare_shared_kv_buffer(opt.model)
     opt.save_model_to_file(str(path))
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
             "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": fused_ops, **extra}

@@ -36,7 +36,7 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
         "is_encoder_decoder": bool(getattr(config, "is_encoder_decoder", False)),
         "files": files,
         "io": io,
-        "kv_cache": _kv_cache(task, io, config),
+        "kv_cache": _kv_cache(task, io, config, bool((optimization or {}).get("kv_shared_buffer"))),
         # int64 [1] input: LM-head positions to compute, counted from the end (0 = all); null when absent
         "logits_to_keep_input": "logits_to_keep" if (graph_edits or {}).get("logits_to_keep") else None,
         "id2label": id2label,
@@ -88,7 +88,7 @@ def _graph_io(path: Path) -> dict:
             "outputs": [describe(v) for v in graph.output]}
 
 
-def _kv_cache(task, io, config):
+def _kv_cache(task, io, config, shared_buffer: bool = False):
     if task == "text-generation":
         inputs = io["model"]["inputs"]
         outputs = io["model"]["outputs"]
@@ -114,6 +114,10 @@ def _kv_cache(task, io, config):
     }
     if cross:
         info["encoder_num_kv_heads"] = cross[0]["shape"][1]
+    if task == "text-generation":
+        # true: past_key_values.{i}.* and present.{i}.* may be bound to one [batch, kv_heads, capacity, head_dim]
+        # buffer per tensor (the graph appends in place and reads the cache length from attention_mask)
+        info["shared_buffer"] = shared_buffer
     return info
 
 

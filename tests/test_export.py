@@ -470,6 +470,9 @@ def test_optimize_makes_llama_attention_one_group_query_attention_node(tmp_path)
     producer = {o: n for n in graph.node for o in n.output}
     pasts = {i.name for i in graph.input if i.name.startswith("past_key_values")}
     presents = {o.name for o in graph.output if o.name.startswith("present")}
+    # the cache can live in one buffer bound as past and present: nothing but the attention reads a past tensor
+    assert m["kv_cache"]["shared_buffer"] and m["optimization"]["kv_shared_buffer"]
+    assert all(n.op_type == "GroupQueryAttention" for n in graph.node for i in n.input if i in pasts)
     for gqa in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
         assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
@@ -491,6 +494,7 @@ def test_optimize_makes_llama_attention_one_group_query_attention_node(tmp_path)
     ops = [n.op_type for n in onnx.load(str(onnx_kind / "model.onnx"), load_external_data=False).graph.node]
     assert ops.count("Attention") == layers and "GroupQueryAttention" not in ops
     assert _manifest(onnx_kind)["optimization"]["attention"] == "onnx"
+    assert _manifest(onnx_kind)["kv_cache"]["shared_buffer"] is False
     with pytest.raises(ExportError, match="--attention 'flash' is not supported"):
         export_model(tiny_checkpoint("llama", "text-generation"), tmp_path / "x", "text-generation", attention="flash")
 

@@ -272,3 +272,27 @@ def test_cuda_io_binding_matches_cpu():
         for kwargs in (dict(max_new_tokens=10), dict(max_new_tokens=8, num_beams=3)):
             _assert_same(gpu.generate(input_ids.numpy(), attention_mask.numpy(), **kwargs),
                          _reference(arch, input_ids, attention_mask, **kwargs))
+
+
+@pytest.mark.parametrize("case", ["greedy", "beam4", "beam3-return3"])
+def test_shared_kv_buffer_grows_and_reorders_as_transformers(case, monkeypatch):
+    """llama-gqa's cache lives in one buffer per tensor bound as past and present (kv_cache.shared_buffer): with
+    1 position of headroom it is grown (doubled) and reordered by beams, and the tokens still
+    equal transformers'."""
+    from onnxpipe.generation import kv_cache
+
+    assert _generator("llama-gqa").manifest["kv_cache"]["shared_buffer"]
+    monkeypatch.setattr(kv_cache, "SHARED_HEADROOM", 1)
+    grown = []
+    ensure = kv_cache._SharedBuffers.ensure
+
+    def spy(self, length):
+        before = next(iter(self.buffers.values())).shape[2]
+        ensure(self, length)
+        grown.append(next(iter(self.buffers.values())).shape[2] > before)
+
+    monkeypatch.setattr(kv_cache._SharedBuffers, "ensure", spy)
+    input_ids, attention_mask = _inputs("llama-gqa", batched=True)
+    ref = _reference("llama-gqa", input_ids, attention_mask, **CASES[case])
+    _assert_same(_ours("llama-gqa", input_ids, attention_mask, **CASES[case]), ref)
+    assert any(grown)

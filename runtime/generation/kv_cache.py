@@ -11,6 +11,12 @@ the search strategies:
 
 On CUDA (Session.device == "cuda") the cache stays on the device through IO binding: each step
 binds the previous run's `present.*` OrtValues as the next run's `past_key_values.*`.
+
+On CPU, an export whose manifest says kv_cache.shared_buffer (GroupQueryAttention, export/graph.py)
+keeps each cache tensor in one numpy buffer [batch, kv_heads, capacity, head_dim] bound as both its
+past and its present: the graph appends the new position in place instead of copying the whole cache
+into a new present every step. The capacity starts at the prompt plus SHARED_HEADROOM positions and
+doubles when a step needs more.
 """
 from __future__ import annotations
 
@@ -70,6 +76,62 @@ class _Runner:
                                                 self.session.device_index)
 
 
+#: positions a shared cache buffer holds beyond the prompt before it is first grown (SmolLM2 at batch 1:
+#: 7.5 MB for 256 positions)
+SHARED_HEADROOM = 256
+
+
+class _SharedBuffers:
+    """One numpy buffer per cache tensor, bound (ONNX Runtime IO binding) as both past_key_values.* and present.*."""
+
+    def __init__(self, session, past_names, present_names, shape_of, dtype):
+        self.session, self.past_names, self.present_names = session, past_names, present_names
+        self.shape_of, self.dtype = shape_of, dtype
+        self.buffers: dict[str, np.ndarray] = {}
+        self.binding = None
+
+    def allocate(self, batch: int, capacity: int) -> None:
+        self.buffers = {n: np.zeros(self.shape_of(batch, capacity), self.dtype) for n in self.past_names}
+        self._bind()
+
+    def ensure(self, length: int) -> None:
+        capacity = next(iter(self.buffers.values())).shape[2]
+        if length <= capacity:
+            return
+        while capacity < length:
+            capacity *= 2
+        grown = {}
+        for name, old in self.buffers.items():
+            new = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], self.dtype)
+            new[:, :, :old.shape[2]] = old
+            grown[name] = new
+        self.buffers = grown
+        self._bind()
+
+    def take(self, index: np.ndarray) -> None:
+        self.buffers = {n: np.take(b, index, axis=0) for n, b in self.buffers.items()}
+        self._bind()
+
+    def _bind(self) -> None:
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")
+        for past, present in zip(self.past_names, self.present_names):
+            buf = self.buffers[past]
+            binding.bind_input(past, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            binding.bind_output(present, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        self.binding = binding
+
+    def run(self, feeds: dict) -> np.ndarray:
+        for name in self.session.input_names:
+            if name in feeds:
+                self.binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
+            elif name not in self.buffers:
+                raise ValueError(f"{self.session.path.name} needs input {name}, which onnxpipe's decoder loop does "
+                                 "not feed (the manifest's io section lists the graph's inputs)")
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
+
+
 class DecoderStepper:
     def __init__(self, session, kv_cache: dict):
         self.runner = _Runner(session)
@@ -82,11 +144,18 @@ class DecoderStepper:
         self.step_input_lengths: list[int] = []
         self.cache: dict = {}
         self.attention_mask: np.ndarray | None = None
+        self.shared = None
+        if kv_cache.get("shared_buffer") and not self.runner.on_device:
+            self.shared = _SharedBuffers(session, self.past_names, self.present_names,
+                                         lambda batch, n: (batch, self.num_kv_heads, n, self.head_dim), self.dtype)
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         batch = input_ids.shape[0]
-        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype)
         self.attention_mask = attention_mask.astype(np.int64)
+        if self.shared is not None:
+            self.shared.allocate(batch, input_ids.shape[1] + SHARED_HEADROOM)
+            return self._run(input_ids, position_ids_from_mask(self.attention_mask), None)
+        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=self.dtype)
         cache_feeds = {name: empty for name in self.past_names}
         return self._run(input_ids, position_ids_from_mask(self.attention_mask), cache_feeds)
 
@@ -94,11 +163,17 @@ class DecoderStepper:
         batch = next_tokens.shape[0]
         self.attention_mask = np.concatenate([self.attention_mask, np.ones((batch, 1), np.int64)], axis=1)
         position_ids = position_ids_from_mask(self.attention_mask)[:, -1:]
+        if self.shared is not None:
+            self.shared.ensure(self.attention_mask.shape[1])
+            return self._run(next_tokens.reshape(batch, 1).astype(np.int64), position_ids, None)
         cache_feeds = {past: self.cache[present] for past, present in zip(self.past_names, self.present_names)}
         return self._run(next_tokens.reshape(batch, 1).astype(np.int64), position_ids, cache_feeds)
 
     def reorder(self, beam_idx: np.ndarray) -> None:
-        self.cache = {name: self.runner.take(value, beam_idx) for name, value in self.cache.items()}
+        if self.shared is not None:
+            self.shared.take(beam_idx)
+        else:
+            self.cache = {name: self.runner.take(value, beam_idx) for name, value in self.cache.items()}
         self.attention_mask = np.take(self.attention_mask, beam_idx, axis=0)
 
     def _run(self, input_ids, position_ids, cache_feeds) -> np.ndarray:
@@ -106,6 +181,9 @@ class DecoderStepper:
         # logits_to_keep (when the export has it) skips the LM head for all but the last position at prefill
         feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids,
                  "logits_to_keep": np.array([1], dtype=np.int64)}
+        if self.shared is not None:
+            logits = self.shared.run(feeds)
+            return np.array(logits[:, -1, :], dtype=np.float32)
         logits, self.cache = self.runner.run(feeds, cache_feeds, self.present_names)
         return np.array(logits[:, -1, :], dtype=np.float32)
 
