@@ -42,8 +42,9 @@ OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert"
                          # (opset 23): 3,625 -> 1,285 nodes, fp32 decode step 40-44 -> 36 ms here
                          "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2", "qwen3": "gpt2"}
 # Attention of a Llama-family decoder fused by --optimize: "gqa" is com.microsoft GroupQueryAttention
-# (packed QKV, RoPE inside; SmolLM2 fp32 decode step 18.1 -> 16.6 ms here), whose CUDA kernel is float16
-# only (fp32 graphs run those nodes on the CPU); "onnx" keeps ONNX Attention + RotaryEmbedding (opset 23).
+# (packed QKV, RoPE inside, the cache appended in place; SmolLM2 fp32 pipeline step 17.8 -> 16.4 ms here),
+# whose CUDA kernel is float16 only (fp32 graphs run those nodes on the CPU); "onnx" keeps ONNX Attention +
+# RotaryEmbedding (opset 23).
 ATTENTION_KINDS = ("gqa", "onnx")
 # GroupQueryAttention reads RoPE from cos/sin tables of this many positions at most (a 128-dim head: 8 MiB
 # each); the manifest's max_positions is capped to it, so generation stops there.

@@ -553,7 +553,8 @@ def fuse_group_query_attention(model, max_positions: int) -> int:
 
     GroupQueryAttention takes the packed QKV, rotates Q and K itself (do_rotary, from cos/sin tables indexed
     by position) and attends the grouped K/V heads as they are: per layer a Split and two RotaryEmbedding
-    kernel launches fewer on every decode step (SmolLM2 fp32 decode step 18.1 -> 16.6 ms here). The tables
+    kernel launches fewer on every decode step (SmolLM2 fp32 decode step 18.1 -> 16.6 ms in one A/B here,
+    20.1 -> 19.7 ms in another: this VM is noisy). The tables
     are the graph's own rotary computation evaluated at positions 0..max_positions-1 (so any RoPE variant
     the export traced is reproduced as is), after checking that it is position-wise.
 
@@ -691,7 +692,7 @@ def prepare_shared_kv_buffer(model) -> bool:
             continue
         node = producer.get(out.name)
         past = "past_key_values." + out.name[len("present."):]
-        slot = {".key": 3, ".value": 4}[out.name[out.name.rindex("."):]] if out.name.endswith((".key", ".value")) else None
+        slot = {"key": 3, "value": 4}.get(out.name.rsplit(".", 1)[-1])
         if node is None or node.op_type != "GroupQueryAttention" or slot is None or node.input[slot] != past:
             return False
     shapes = []
@@ -718,9 +719,11 @@ def prepare_shared_kv_buffer(model) -> bool:
         attrs = {a.name: helper.get_attribute_value(a) for a in reader.attribute}
         start, end = attrs.get("start", 0), attrs.get("end", 4)
         bounds = [f"{reader.name}/kv_shape_start", f"{reader.name}/kv_shape_end"]
-        g.initializer.extend([helper.make_tensor(bounds[0], 7, [1], [start]), helper.make_tensor(bounds[1], 7, [1], [end])])
+        g.initializer.extend([helper.make_tensor(bounds[0], 7, [1], [start]),
+                              helper.make_tensor(bounds[1], 7, [1], [end])])
         at = list(g.node).index(reader)
-        g.node.insert(at, helper.make_node("Slice", ["kv_shape", *bounds], list(reader.output), name=f"{reader.name}/kv_shape"))
+        g.node.insert(at, helper.make_node("Slice", ["kv_shape", *bounds], list(reader.output),
+                                           name=f"{reader.name}/kv_shape"))
         g.node.remove(reader)
     _toposort(g)
     return True
