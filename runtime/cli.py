@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--int8-method", choices=["auto", "dynamic", "weight-only"], default="auto",
                     help="int8 as dynamic quantization (weights int8, activations quantized per call) or weight-only "
                          "8-bit blocks (MatMulNBits); auto (default): weight-only for text-generation, dynamic elsewhere")
-    ex.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer fusions (encoders)")
+    ex.add_argument("--optimize", action="store_true",
+                    help="fuse the graph: ONNX Runtime's transformer fusions (encoders), and for Llama-family decoders "
+                         "fused norms, attention and RoPE (see --attention)")
     ex.add_argument("--attention", choices=["gqa", "onnx"], default="gqa",
                     help="decoders with --optimize: com.microsoft GroupQueryAttention (fastest on CPU; its CUDA kernel "
-                         "is float16-only) or ONNX Attention opset 23 (runs on CUDA in float32)")
+                         "is float16-only) or ONNX Attention + RotaryEmbedding, opset 23 (for CUDA serving)")
     ex.add_argument("--opset", type=int, default=None)
     ex.add_argument("--atol", type=float, default=1e-4, help="validation: absolute tolerance (default 1e-4)")
     ex.add_argument("--rtol", type=float, default=1e-4, help="validation: tolerance relative to the output's max |value|")
