@@ -1,8 +1,8 @@
 """`python -m bench.profile_decode FOLDER [--precision fp32|int8]`: where a decoder's decode step spends its time.
 
 Runs a greedy KV-cache loop on an exported decoder folder (prompt of --prompt random tokens, then --steps
-single-token steps) with ONNX Runtime's profiler on, and prints the step's wall time next to the summed
-kernel time per operator type, so a slow step can be split into weight MatMuls (bandwidth-bound) and the
+single-token steps, through the runtime's own DecoderStepper) with ONNX Runtime's profiler on, and prints
+the step's wall time next to the summed kernel time per operator type, so a slow step can be split into weight MatMuls (bandwidth-bound) and the
 rest (graph overhead: Concat/Reshape/Transpose around attention, norms, RoPE).
 The raw ORT profile (chrome://tracing JSON) is kept under --out.
 
@@ -43,13 +43,16 @@ def profile(folder: Path, precision: str = "fp32", threads: int = 2, prompt: int
 
 
 def _session(path: str, threads: int, profiled: bool, prefix: Path | None = None):
+    """onnxpipe's Session (what the pipelines run) on its own pool of `threads`, no session cache."""
+    from onnxpipe.session import Session
+
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     if profiled:
         so.enable_profiling = True
         so.profile_file_prefix = str(prefix)
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return Session(path, session_options=so)
 
 
 def _read(folder: Path, precision: str) -> tuple[dict, str]:
@@ -63,28 +66,20 @@ def _read(folder: Path, precision: str) -> tuple[dict, str]:
 
 
 def _loop(sess, manifest: dict, prompt: int, steps: int) -> list[float]:
-    """Greedy: the prompt (random ids, seed 0) in one run, then `steps` single-token runs; their wall times."""
-    kv = manifest["kv_cache"]
-    outputs = ["logits", *kv["present_names"]]
+    """Greedy through the runtime's own decoder loop (DecoderStepper: its feeds, its KV cache handling, the
+    shared cache buffer where the manifest has one): the prompt (random ids, seed 0) in one run, then `steps`
+    single-token steps; their wall times."""
+    from onnxpipe.generation import DecoderStepper
+
     vocab = next(o["shape"][-1] for o in manifest["io"]["model"]["outputs"] if o["name"] == "logits")
     prompt_ids = np.random.default_rng(0).integers(0, vocab, size=(1, prompt), dtype=np.int64)
-    empty = np.zeros((1, kv["num_kv_heads"], 0, kv["head_dim"]), np.float32)
-    inputs = {i.name for i in sess.get_inputs()}
-
-    def feeds(ids, total, cache):
-        f = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
-             "position_ids": np.arange(total - ids.shape[1], total, dtype=np.int64)[None]}
-        if manifest.get("logits_to_keep_input"):
-            f[manifest["logits_to_keep_input"]] = np.array([1], np.int64)
-        f.update(zip(kv["past_names"], cache))
-        return {k: v for k, v in f.items() if k in inputs}
-
-    res = sess.run(outputs, feeds(prompt_ids, prompt, [empty] * len(kv["past_names"])))
+    stepper = DecoderStepper(sess, manifest["kv_cache"])
+    logits = stepper.prefill(prompt_ids, np.ones_like(prompt_ids))
     walls = []
-    for t in range(steps):
-        f = feeds(np.array([[int(np.argmax(res[0][0, -1]))]], np.int64), prompt + t + 1, res[1:])
+    for _ in range(steps):
+        next_token = np.array([int(np.argmax(logits[0]))], np.int64)
         t0 = time.perf_counter()
-        res = sess.run(outputs, f)
+        logits = stepper.step(next_token)
         walls.append(time.perf_counter() - t0)
     return walls
 
@@ -103,7 +98,7 @@ def compare(a: Path, b: Path, precision: str = "fp32", threads: int = 2, prompt:
 
 
 def _summarize(sess, folder, precision, threads, prompt, steps, plain, walls) -> dict:
-    trace = sess.end_profiling()
+    trace = sess.ort_session.end_profiling()
     events = json.loads(Path(trace).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     first_step = runs[-steps]["ts"]
