@@ -29,16 +29,10 @@ def profile(folder: Path, precision: str = "fp32", threads: int = 2, prompt: int
     out = out or Path("bench/results/profiles")
     out.mkdir(parents=True, exist_ok=True)
 
-    def session(profiled: bool):
-        return _session(path, threads, profiled, out / f"{folder.name}-{precision}")
-
-    def loop(sess) -> list[float]:
-        return _loop(sess, manifest, prompt, steps)
-
     # the same loop without the profiler first: its per-node timing inflates the step (~10 us x nodes)
-    plain = loop(session(False))
-    sess = session(True)
-    walls = loop(sess)
+    plain = _loop(_session(path, threads, False), manifest, prompt, steps)
+    sess = _session(path, threads, True, out / f"{folder.name}-{precision}")
+    walls = _loop(sess, manifest, prompt, steps)
     return _summarize(sess, folder, precision, threads, prompt, steps, plain, walls)
 
 
@@ -87,7 +81,7 @@ def _loop(sess, manifest: dict, prompt: int, steps: int) -> list[float]:
 def compare(a: Path, b: Path, precision: str = "fp32", threads: int = 2, prompt: int = 64, steps: int = 128,
             rounds: int = 6) -> dict:
     """Unprofiled decode steps of folders a and b, A B A B in one process: each round's step median (ms)."""
-    loaded = [(_read(f, precision)) for f in (a, b)]
+    loaded = [_read(f, precision) for f in (a, b)]
     sessions = [_session(path, threads, False) for _, path in loaded]
     medians: dict[str, list[float]] = {str(a): [], str(b): []}
     for _ in range(rounds):

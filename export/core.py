@@ -324,6 +324,7 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
         fused_ops["AttentionLayout"] = fold_attention_layout(opt.model)  # 3D Q/K/V, cache inside Attention
         fused_ops["MergedMatMul"] = fuse_sibling_matmuls(opt.model)  # q/k/v and gate/up: one MatMul each
         if attention == "gqa":  # packed QKV, RoPE inside: com.microsoft GroupQueryAttention (CPU)
+            from .manifest import _max_positions
             positions = min(_max_positions(config) or 0, GQA_MAX_POSITIONS)
             fused_ops["GroupQueryAttention"] = fuse_group_query_attention(opt.model, positions)
             if fused_ops["GroupQueryAttention"]:
@@ -332,12 +333,6 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
     opt.save_model_to_file(str(path))
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
             "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": fused_ops, **extra}
-
-
-def _max_positions(config):
-    from .manifest import _max_positions as max_positions
-
-    return max_positions(config)
 
 
 def _count_nodes(path: Path) -> int:

@@ -210,9 +210,7 @@ def fuse_decoder_attention(model, num_heads: int, num_kv_heads: int) -> int:
             return None
         return float(a.reshape(-1)[0]) if a.size == 1 else None
 
-    def op(name, *types):
-        node = producer.get(name)
-        return node if node is not None and node.op_type in types else None
+    op = _typed_producer(producer)
 
     def reaches(name, target, depth=6):
         """`name` is `target` seen through repeat_kv's Unsqueeze/Expand/Reshape (and a Transpose for K)."""
@@ -305,9 +303,7 @@ def fuse_rotary_embeddings(model) -> int:
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
 
-    def op(name, *types):
-        node = producer.get(name)
-        return node if node is not None and node.op_type in types else None
+    op = _typed_producer(producer)
 
     def const(name):
         if name in inits:
@@ -315,15 +311,13 @@ def fuse_rotary_embeddings(model) -> int:
         node = op(name, "Constant")
         return numpy_helper.to_array(node.attribute[0].t).reshape(-1).tolist() if node is not None else None
 
-    def attr(node, name, default=None):
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
     def unsqueezed(name):
         """Unsqueeze(t, axes=[1]) -> t: the [batch, seq, dim] cos/sin table broadcast over heads."""
         node = op(name, "Unsqueeze")
         if node is None:
             return None
-        axes = const(node.input[1]) if len(node.input) > 1 else attr(node, "axes")
+        axes = const(node.input[1]) if len(node.input) > 1 else _attr(node, "axes")
         return node.input[0] if list(axes or []) == [1] else None
 
     matches = []
@@ -338,7 +332,7 @@ def fuse_rotary_embeddings(model) -> int:
                     x, cos = plain.input[a], unsqueezed(plain.input[b])
             cat = next((op(i, "Concat") for i in rotated.input if op(i, "Concat")), None)
             sin = next((unsqueezed(i) for i in rotated.input if unsqueezed(i) is not None), None)
-            if x is None or cat is None or sin is None or attr(cat, "axis") not in (-1, 3) or len(cat.input) != 2:
+            if x is None or cat is None or sin is None or _attr(cat, "axis") not in (-1, 3) or len(cat.input) != 2:
                 continue
             neg, low = op(cat.input[0], "Neg"), op(cat.input[1], "Slice")
             high = op(neg.input[0], "Slice") if neg is not None else None
@@ -388,23 +382,19 @@ def fold_attention_layout(model) -> int:
     g = model.graph
     inits, producer, consumers = _graph_index(g)
 
-    def op(name, *types):
-        node = producer.get(name)
-        return node if node is not None and node.op_type in types else None
+    op = _typed_producer(producer)
 
-    def attr(node, name, default=None):
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
     def heads_split(name):
         """Transpose(Reshape(x3d), perm=[0, 2, 1, 3]) -> x3d."""
         tr = op(name, "Transpose")
-        rs = op(tr.input[0], "Reshape") if tr is not None and list(attr(tr, "perm", [])) == [0, 2, 1, 3] else None
+        rs = op(tr.input[0], "Reshape") if tr is not None and list(_attr(tr, "perm", [])) == [0, 2, 1, 3] else None
         return rs.input[0] if rs is not None else None
 
     def rotated(name):
         """RotaryEmbedding(Transpose(Reshape(x3d))) -> (x3d, rotary node)."""
         rot = op(name, "RotaryEmbedding")
-        x = heads_split(rot.input[0]) if rot is not None and attr(rot, "num_heads") is None else None
+        x = heads_split(rot.input[0]) if rot is not None and _attr(rot, "num_heads") is None else None
         return (x, rot) if x is not None else (None, None)
 
     def const_index(name):
@@ -417,7 +407,7 @@ def fold_attention_layout(model) -> int:
         return int(a.reshape(-1)[0]) if a.size == 1 else None
 
     def whole_shape(node):
-        return node.op_type == "Shape" and attr(node, "start", 0) == 0 and attr(node, "end") is None
+        return node.op_type == "Shape" and _attr(node, "start", 0) == 0 and _attr(node, "end") is None
 
     def shape_reads(readers):
         """The Shape nodes through which `readers` of a present.* tensor use it, or None if they use more.
@@ -461,21 +451,21 @@ def fold_attention_layout(model) -> int:
         out_tr = consumers.get(att.output[0], [])
         out_rs = consumers.get(out_tr[0].output[0], []) if len(out_tr) == 1 else []
         if (None in (q3, k3, v3) or len(out_tr) != 1 or out_tr[0].op_type != "Transpose"
-                or list(attr(out_tr[0], "perm", [])) != [0, 2, 1, 3] or len(out_rs) != 1
+                or list(_attr(out_tr[0], "perm", [])) != [0, 2, 1, 3] or len(out_rs) != 1
                 or out_rs[0].op_type != "Reshape"):
             continue
         readers = shape_reads([c for name in (k_all, v_all) for c in consumers.get(name, []) if c is not att])
         if readers is None:
             continue
-        qh, kvh = attr(att, "q_num_heads"), attr(att, "kv_num_heads")
+        qh, kvh = _attr(att, "q_num_heads"), _attr(att, "kv_num_heads")
         q_new, k_new = f"{q3}/rotary", f"{k3}/rotary"
         new_att = helper.make_node("Attention", [q_new, k_new, v3, mask, past_k, past_v],
                                    [out_rs[0].output[0], k_all, v_all], name=att.name, q_num_heads=qh,
-                                   kv_num_heads=kvh, scale=attr(att, "scale"))
+                                   kv_num_heads=kvh, scale=_attr(att, "scale"))
         rot_q = helper.make_node("RotaryEmbedding", [q3, *q_rot.input[1:]], [q_new], name=f"{q_rot.name}/3d",
-                                 interleaved=attr(q_rot, "interleaved", 0), num_heads=qh)
+                                 interleaved=_attr(q_rot, "interleaved", 0), num_heads=qh)
         rot_k = helper.make_node("RotaryEmbedding", [k3, *k_rot.input[1:]], [k_new], name=f"{k_rot.name}/3d",
-                                 interleaved=attr(k_rot, "interleaved", 0), num_heads=kvh)
+                                 interleaved=_attr(k_rot, "interleaved", 0), num_heads=kvh)
         for reader in readers:  # Shape(present) = [batch, kv_heads, past + new, head_dim]
             base = f"{reader.output[0]}/rebuilt"
             past = past_v if reader.input[0] == v_all else past_k
@@ -575,20 +565,16 @@ def fuse_group_query_attention(model, max_positions: int) -> int:
 
     g = model.graph
     inits, producer, consumers = _graph_index(g)
-    graph_inputs = {i.name for i in g.input}
-    if not {"input_ids", "attention_mask", "position_ids"} <= graph_inputs or max_positions <= 0:
+    graph_inputs = {i.name for i in g.input}  # the mask feeds the kernel, position_ids the RoPE tables
+    if not {"attention_mask", "position_ids"} <= graph_inputs or max_positions <= 0:
         return 0
 
-    def op(name, *types):
-        node = producer.get(name)
-        return node if node is not None and node.op_type in types else None
+    op = _typed_producer(producer)
 
-    def attr(node, name, default=None):
-        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
     def shape_of_batch_seq(node):
         """A Shape node that reads only dims among [batch, seq] of a [batch, seq, features] tensor."""
-        return node.op_type == "Shape" and attr(node, "start", 0) in (0, 1) and attr(node, "end") in (1, 2)
+        return node.op_type == "Shape" and _attr(node, "start", 0) in (0, 1) and _attr(node, "end") in (1, 2)
 
     layers = []
     for att in [n for n in g.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")
@@ -597,7 +583,7 @@ def fuse_group_query_attention(model, max_positions: int) -> int:
         rq, rk = op(q_rot, "RotaryEmbedding"), op(k_rot, "RotaryEmbedding")
         if rq is None or rk is None or len(rq.input) != 3 or list(rq.input[1:]) != list(rk.input[1:]):
             continue
-        if attr(rq, "interleaved", 0) != attr(rk, "interleaved", 0) or attr(rq, "rotary_embedding_dim", 0):
+        if _attr(rq, "interleaved", 0) != _attr(rk, "interleaved", 0) or _attr(rq, "rotary_embedding_dim", 0):
             continue
         q3, k3 = rq.input[0], rk.input[0]
         split = op(q3, "Split")
@@ -606,7 +592,7 @@ def fuse_group_query_attention(model, max_positions: int) -> int:
         sizes = inits.get(split.input[1]) if len(split.input) > 1 else None
         mm = op(split.input[0], "MatMul")
         if (sizes is None or mm is None or mm.input[1] not in inits or len(consumers[mm.input[1]]) != 1
-                or len(consumers[split.input[0]]) != 1 or attr(split, "axis") not in (-1, 2)):
+                or len(consumers[split.input[0]]) != 1 or _attr(split, "axis") not in (-1, 2)):
             continue
         others = [c for t in (q3, k3, v3) for c in consumers[t] if c not in (rq, rk, att)]
         if not all(shape_of_batch_seq(c) for c in others):
@@ -615,7 +601,7 @@ def fuse_group_query_attention(model, max_positions: int) -> int:
             continue
         sizes = numpy_helper.to_array(sizes).tolist()
         q_width = sizes[list(split.output).index(q3)]
-        if q_width % int(attr(att, "q_num_heads", 1)) or (q_width // int(attr(att, "q_num_heads", 1))) % 16:
+        if q_width % int(_attr(att, "q_num_heads", 1)) or (q_width // int(_attr(att, "q_num_heads", 1))) % 16:
             continue  # the CPU kernel wants head_size a multiple of 16
         layers.append((att, rq, rk, split, mm, sizes, others))
     if not layers:
@@ -623,7 +609,7 @@ def fuse_group_query_attention(model, max_positions: int) -> int:
     tables = {layers[0][1].input[1], layers[0][1].input[2]}
     if any({rq.input[1], rq.input[2]} != tables for _, rq, *_ in layers):
         return 0
-    cos, sin = _rotary_tables(model, layers[0][1].input[1], layers[0][1].input[2], 0, max_positions)
+    cos, sin = _rotary_tables(model, layers[0][1].input[1], layers[0][1].input[2], max_positions)
     if cos is None:
         return 0
     g.initializer.extend([numpy_helper.from_array(cos, "gqa/cos_cache"), numpy_helper.from_array(sin, "gqa/sin_cache"),
@@ -651,8 +637,8 @@ def fuse_group_query_attention(model, max_positions: int) -> int:
             [qkv, "", "", att.input[4], att.input[5], "gqa/seqlens_k", "gqa/total", "gqa/cos_cache", "gqa/sin_cache",
              "", att.input[3]],
             list(att.output), name=f"{att.name}/gqa", domain="com.microsoft",
-            num_heads=int(attr(att, "q_num_heads")), kv_num_heads=int(attr(att, "kv_num_heads")),
-            scale=float(attr(att, "scale")), do_rotary=1, rotary_interleaved=int(attr(rq, "interleaved", 0)))
+            num_heads=int(_attr(att, "q_num_heads")), kv_num_heads=int(_attr(att, "kv_num_heads")),
+            scale=float(_attr(att, "scale")), do_rotary=1, rotary_interleaved=int(_attr(rq, "interleaved", 0)))
         for reader in others:  # a Shape read of q/k/v's [batch, seq] is the packed output's too
             reader.input[0] = qkv
         at = list(g.node).index(att)
@@ -716,8 +702,7 @@ def prepare_shared_kv_buffer(model) -> bool:
                          ["kv_shape"], axis=0, name="kv_shape"),
     ])
     for reader in shapes:
-        attrs = {a.name: helper.get_attribute_value(a) for a in reader.attribute}
-        start, end = attrs.get("start", 0), attrs.get("end", 4)
+        start, end = _attr(reader, "start", 0), _attr(reader, "end", 4)
         bounds = [f"{reader.name}/kv_shape_start", f"{reader.name}/kv_shape_end"]
         g.initializer.extend([helper.make_tensor(bounds[0], 7, [1], [start]),
                               helper.make_tensor(bounds[1], 7, [1], [end])])
@@ -729,9 +714,9 @@ def prepare_shared_kv_buffer(model) -> bool:
     return True
 
 
-def _rotary_tables(model, cos_name: str, sin_name: str, start: int, stop: int):
-    """The graph's [batch, seq, head_dim/2] cos/sin tensors evaluated for position_ids start..stop-1, as
-    [stop - start, head_dim/2] tables; (None, None) if they depend on more than position_ids or are not
+def _rotary_tables(model, cos_name: str, sin_name: str, positions: int):
+    """The graph's [batch, seq, head_dim/2] cos/sin tensors evaluated for position_ids 0..positions-1, as
+    [positions, head_dim/2] tables; (None, None) if they depend on more than position_ids or are not
     position-wise (a row for a position must not depend on the other positions in the call)."""
     import numpy as np
     import onnx
@@ -739,8 +724,7 @@ def _rotary_tables(model, cos_name: str, sin_name: str, start: int, stop: int):
     from onnx import helper
 
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    inits = {i.name: i for i in g.initializer}
+    inits, producer, _ = _graph_index(g)
     needed, frontier, names = [], [cos_name, sin_name], set()
     while frontier:
         name = frontier.pop()
@@ -771,17 +755,33 @@ def _rotary_tables(model, cos_name: str, sin_name: str, start: int, stop: int):
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(sub.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        cos, sin = sess.run(None, {"position_ids": np.arange(start, stop, dtype=np.int64)[None]})
-        probe = np.array([[stop - 1, 0, 7, start, -3]], dtype=np.int64).clip(start, stop - 1)
+        cos, sin = sess.run(None, {"position_ids": np.arange(positions, dtype=np.int64)[None]})
+        probe = np.array([[positions - 1, 0, 7, 3]], dtype=np.int64) % positions
         pcos, psin = sess.run(None, {"position_ids": probe})
     except Exception:  # not computable from position_ids alone
         return None, None
-    if cos.ndim != 3 or cos.shape[:2] != (1, stop - start) or cos.shape != sin.shape:
+    if cos.ndim != 3 or cos.shape[:2] != (1, positions) or cos.shape != sin.shape:
         return None, None
-    rows = probe[0] - start
-    if not (np.array_equal(pcos[0], cos[0, rows]) and np.array_equal(psin[0], sin[0, rows])):
+    if not (np.array_equal(pcos[0], cos[0, probe[0]]) and np.array_equal(psin[0], sin[0, probe[0]])):
         return None, None
     return np.ascontiguousarray(cos[0], dtype=np.float32), np.ascontiguousarray(sin[0], dtype=np.float32)
+
+
+def _attr(node, name, default=None):
+    """Attribute `name` of an ONNX node, or `default` when it has none."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _typed_producer(producer: dict):
+    """op(name, *types): the node producing tensor `name` when its op_type is one of `types`, else None."""
+
+    def op(name, *types):
+        node = producer.get(name)
+        return node if node is not None and node.op_type in types else None
+
+    return op
 
 
 def _graph_index(g):

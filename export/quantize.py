@@ -29,9 +29,9 @@ def quantize_int8(out_dir: Path, roles: dict, *, weight_type: str, per_channel: 
 
 
 DYNAMIC_ON_FUSED_DECODER = ("dynamic int8 of a decoder fused by --optimize (ONNX Attention, opset 23, or GroupQueryAttention) "
-                            "comes out wrong: "
-                            "ONNX Runtime's dynamic quantizer breaks that graph (SmolLM2 logits off by ~40 from position 0, "
-                            "perplexity x1e6); use the decoders' default weight-only int8, or export without --optimize")
+                            "comes out wrong: ONNX Runtime's dynamic quantizer breaks that graph (SmolLM2 perplexity x1e6 "
+                            "with Attention, x2 with GroupQueryAttention); use the decoders' default weight-only int8, or "
+                            "export without --optimize")
 
 
 def check_dynamic_int8_supported(path) -> None:

@@ -23,7 +23,8 @@ SAMPLE_TEXTS = [
 
 def validate_export(model, tokenizer, task, out_dir, roles, atol=1e-4, rtol=1e-4) -> dict:
     results = []
-    for role, case, name, ref, got, mask in _compare_cases(model, tokenizer, task, out_dir, roles):
+    by_index = task == "text-generation" and _keys_rotated_by_index(out_dir / roles["model"])
+    for role, case, name, ref, got, mask in _compare_cases(model, tokenizer, task, out_dir, roles, by_index):
         diff = _masked_max_abs_diff(ref, got, mask)
         tol = atol + rtol * float(np.max(np.abs(ref))) if ref.size else atol
         results.append({"role": role, "case": case, "output": name, "max_abs_diff": diff,
@@ -74,10 +75,11 @@ def _cosine(a, b):
 
 # --- the cases ---------------------------------------------------------------------------------
 
-def _compare_cases(model, tokenizer, task, out_dir, roles):
+def _compare_cases(model, tokenizer, task, out_dir, roles, keys_rotated_by_index: bool = False):
+    """keys_rotated_by_index: see _decoder_cases; measure_fidelity leaves it off (it skips present.*)."""
     sessions = {role: _session(out_dir / f) for role, f in roles.items()}
     if task == "text-generation":
-        yield from _decoder_cases(model, tokenizer, sessions["model"], _keys_rotated_by_index(out_dir / roles["model"]))
+        yield from _decoder_cases(model, tokenizer, sessions["model"], keys_rotated_by_index)
     elif task == "text2text-generation":
         yield from _seq2seq_cases(model, tokenizer, sessions)
     else:

@@ -42,7 +42,7 @@ def tiny_export(arch: str, task: str, *, quantize: str | None = "int8", optimize
     from onnxpipe.export import export_model
 
     ckpt = tiny_checkpoint(arch, task, **overrides)
-    key = json.dumps([str(ckpt), quantize, optimize, _export_code_hash()] + ([attention] if attention != "gqa" else []))
+    key = json.dumps([str(ckpt), quantize, optimize, attention, _export_code_hash()])
     out = CACHE / "exports" / f"{ckpt.name}-{'opt' if optimize else 'plain'}-{quantize or 'fp32'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     if not (out / "onnxpipe.json").exists():
         out.parent.mkdir(parents=True, exist_ok=True)

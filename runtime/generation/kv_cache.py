@@ -84,14 +84,17 @@ SHARED_HEADROOM = 256
 class _SharedBuffers:
     """One numpy buffer per cache tensor, bound (ONNX Runtime IO binding) as both past_key_values.* and present.*."""
 
-    def __init__(self, session, past_names, present_names, shape_of, dtype):
+    def __init__(self, session, past_names, present_names, num_kv_heads: int, head_dim: int, dtype):
         self.session, self.past_names, self.present_names = session, past_names, present_names
-        self.shape_of, self.dtype = shape_of, dtype
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        # the inputs fed each run: the graph's, less the bound cache
+        self.fed = [n for n in session.input_names if n not in set(past_names)]
         self.buffers: dict[str, np.ndarray] = {}
         self.binding = None
 
     def allocate(self, batch: int, capacity: int) -> None:
-        self.buffers = {n: np.zeros(self.shape_of(batch, capacity), self.dtype) for n in self.past_names}
+        shape = (batch, self.num_kv_heads, capacity, self.head_dim)
+        self.buffers = {n: np.zeros(shape, self.dtype) for n in self.past_names}
         self._bind()
 
     def ensure(self, length: int) -> None:
@@ -122,12 +125,12 @@ class _SharedBuffers:
         self.binding = binding
 
     def run(self, feeds: dict) -> np.ndarray:
-        for name in self.session.input_names:
-            if name in feeds:
-                self.binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
-            elif name not in self.buffers:
+        for name in self.fed:
+            value = feeds.get(name)
+            if value is None:
                 raise ValueError(f"{self.session.path.name} needs input {name}, which onnxpipe's decoder loop does "
                                  "not feed (the manifest's io section lists the graph's inputs)")
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
         self.session.run_with_iobinding(self.binding)
         return self.binding.get_outputs()[0].numpy()
 
@@ -146,8 +149,8 @@ class DecoderStepper:
         self.attention_mask: np.ndarray | None = None
         self.shared = None
         if kv_cache.get("shared_buffer") and not self.runner.on_device:
-            self.shared = _SharedBuffers(session, self.past_names, self.present_names,
-                                         lambda batch, n: (batch, self.num_kv_heads, n, self.head_dim), self.dtype)
+            self.shared = _SharedBuffers(session, self.past_names, self.present_names, self.num_kv_heads,
+                                         self.head_dim, self.dtype)
 
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         batch = input_ids.shape[0]
