@@ -6,6 +6,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from onnxpipe.task_table import EXPORT_TASKS
+
 from .errors import ExportError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -63,7 +65,7 @@ def check_task_supported(config, task: str) -> None:
     base = {t.replace("-with-past", "") for t in supported}
     if task not in base:
         raise ExportError(f"architecture {config.model_type!r} cannot do task {task!r}; "
-                          f"it can do: {', '.join(sorted(t for t in base if t in _KNOWN_TASKS)) or 'none of onnxpipe tasks'}")
+                          f"it can do: {', '.join(sorted(t for t in base if t in EXPORT_TASKS)) or 'none of onnxpipe tasks'}")
     if task == "text2text-generation" and not getattr(config, "is_encoder_decoder", False):
         raise ExportError(f"task text2text-generation needs an encoder-decoder model; {config.model_type} is not one")
     if task == "text-generation" and getattr(config, "is_encoder_decoder", False):
@@ -71,8 +73,6 @@ def check_task_supported(config, task: str) -> None:
                           "use --task text2text-generation")
 
 
-_KNOWN_TASKS = {"text-classification", "token-classification", "question-answering", "fill-mask",
-                "feature-extraction", "text-generation", "text2text-generation"}
 
 
 def load_tokenizer(path: Path):

@@ -18,20 +18,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from onnxpipe.task_table import EXPORT_TASKS, export_task
+
 from .errors import ExportError
 from . import checkpoint as ckpt_mod
 
 log = logging.getLogger("onnxpipe.export")
 
-TASKS = (
-    "text-classification", "token-classification", "question-answering", "fill-mask",
-    "feature-extraction", "text-generation", "text2text-generation",
-)
-TASK_ALIASES = {
-    "sentiment-analysis": "text-classification", "ner": "token-classification",
-    "summarization": "text2text-generation", "translation": "text2text-generation",
-    "causal-lm": "text-generation", "masked-lm": "fill-mask", "seq2seq-lm": "text2text-generation",
-}
+# The tasks and aliases `--task` takes come from the one task table (onnxpipe.task_table).
+TASKS = EXPORT_TASKS
 # Model types whose exports ONNX Runtime's transformer optimizer fuses well (STACK.md):
 # encoders only. T5 fuses into RelativePositionBias, which the CPU provider cannot run.
 OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert",
@@ -190,12 +185,13 @@ def _parse_quantize(quantize) -> list[str]:
 
 
 def resolve_task(task: str, config) -> str:
-    task = TASK_ALIASES.get(task, task)
+    """--task (an export task, any pipeline task or alias, or auto) -> the export task."""
     if task == "auto":
         return infer_task(config)
-    if task not in TASKS:
-        raise ExportError(f"unknown task {task!r}: use one of {', '.join(TASKS)} or auto")
-    return task
+    try:
+        return export_task(task)
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"{e}, or auto") from None
 
 
 def infer_task(config) -> str:
@@ -312,24 +308,17 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
         opt = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden, opt_level=1)
     before = _count_nodes(path)
     extra = {"attention": attention} if model_type == "gpt2" else {}
-    from .graph import (fold_attention_layout, fuse_decoder_attention, fuse_group_query_attention,
-                        fuse_rotary_embeddings, fuse_sibling_matmuls, prepare_shared_kv_buffer,
-                        retie_transposed_weights)
+    from .graph import fuse_llama_decoder, retie_transposed_weights
     retie_transposed_weights(opt.model)  # keep a tied LM head tied on disk
     fused_ops = opt.get_fused_operator_statistics()
-    if model_type == "gpt2":  # Llama-family decoders: attention and RoPE as ONNX opset-23 ops (graph.py)
+    if model_type == "gpt2":  # Llama-family decoders: attention and RoPE as ONNX opset-23 ops (export/graph/)
+        from .manifest import _max_positions
         kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        fused_ops["RotaryEmbedding"] = fuse_rotary_embeddings(opt.model)
-        fused_ops["Attention"] = fuse_decoder_attention(opt.model, num_heads, kv_heads)
-        fused_ops["AttentionLayout"] = fold_attention_layout(opt.model)  # 3D Q/K/V, cache inside Attention
-        fused_ops["MergedMatMul"] = fuse_sibling_matmuls(opt.model)  # q/k/v and gate/up: one MatMul each
-        if attention == "gqa":  # packed QKV, RoPE inside: com.microsoft GroupQueryAttention (CPU)
-            from .manifest import _max_positions
-            positions = min(_max_positions(config) or 0, GQA_MAX_POSITIONS)
-            fused_ops["GroupQueryAttention"] = fuse_group_query_attention(opt.model, positions)
-            if fused_ops["GroupQueryAttention"]:
-                extra["rotary_table_positions"] = positions
-                extra["kv_shared_buffer"] = prepare_shared_kv_buffer(opt.model)
+        positions = min(_max_positions(config) or 0, GQA_MAX_POSITIONS)  # GroupQueryAttention's RoPE tables
+        fused, fusion_extra = fuse_llama_decoder(opt.model, num_heads=num_heads, num_kv_heads=kv_heads,
+                                                 attention=attention, max_positions=positions)
+        fused_ops.update(fused)
+        extra.update(fusion_extra)
     opt.save_model_to_file(str(path))
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
             "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": fused_ops, **extra}

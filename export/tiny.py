@@ -18,12 +18,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from onnxpipe.task_table import ENCODER_EXPORT_TASKS
+
 ARCHITECTURES = ("bert", "distilbert", "roberta", "gpt2", "llama", "t5", "bart")
-ENCODER_TASKS = ("text-classification", "token-classification", "question-answering", "fill-mask", "feature-extraction")
 TASKS_BY_ARCH = {
-    "bert": ENCODER_TASKS,
-    "distilbert": ENCODER_TASKS,
-    "roberta": ENCODER_TASKS,
+    "bert": ENCODER_EXPORT_TASKS,
+    "distilbert": ENCODER_EXPORT_TASKS,
+    "roberta": ENCODER_EXPORT_TASKS,
     "gpt2": ("text-generation",),
     "llama": ("text-generation",),
     "t5": ("text2text-generation",),

@@ -4,8 +4,9 @@
 records the max abs difference of each output, over real (unpadded)
 positions only; `measure_fidelity` does the same for the int8 files and adds
 top-1 agreement (logits) or the minimum cosine similarity (hidden states).
-Decoders are checked at prefill and at two cached decode steps, feeding the
-ONNX model its own `present.*` back, as the runtime does.
+Decoders are checked at prefill and at two cached decode steps, driven by the
+runtime's own KV-cache steppers (onnxpipe.generation.kv_cache: their feeds,
+position ids and `present.*` fed back), so what passes here is what generation runs.
 """
 from __future__ import annotations
 
@@ -79,9 +80,10 @@ def _compare_cases(model, tokenizer, task, out_dir, roles, keys_rotated_by_index
     """keys_rotated_by_index: see _decoder_cases; measure_fidelity leaves it off (it skips present.*)."""
     sessions = {role: _session(out_dir / f) for role, f in roles.items()}
     if task == "text-generation":
-        yield from _decoder_cases(model, tokenizer, sessions["model"], keys_rotated_by_index)
+        yield from _decoder_cases(model, tokenizer, sessions["model"], _kv_cache(model, task, out_dir, roles),
+                                  keys_rotated_by_index)
     elif task == "text2text-generation":
-        yield from _seq2seq_cases(model, tokenizer, sessions)
+        yield from _seq2seq_cases(model, tokenizer, sessions, _kv_cache(model, task, out_dir, roles))
     else:
         yield from _encoder_cases(model, tokenizer, sessions["model"])
 
@@ -96,14 +98,13 @@ def _encoder_cases(model, tokenizer, sess):
         f"batch=2,len={max_len}": tokenizer(SAMPLE_TEXTS[2:], padding=True, truncation=True, max_length=max_len, return_tensors="np"),
         "pair,batch=2": tokenizer(SAMPLE_TEXTS[:2], SAMPLE_TEXTS[1:3], padding=True, return_tensors="np"),
     }
-    input_names = [i.name for i in sess.get_inputs()]
-    output_names = [o.name for o in sess.get_outputs()]
+    input_names, output_names = sess.input_names, sess.output_names
     for case, enc in cases.items():
         feeds = {n: enc[n].astype(np.int64) for n in input_names if n in enc}
         if "token_type_ids" in input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
-        _require(feeds, input_names, "model")
-        got = dict(zip(output_names, sess.run(None, feeds)))
+        _require({"model": [n for n in input_names if n not in feeds]})
+        got = sess.run(feeds)
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
         mask = feeds["attention_mask"]
@@ -113,17 +114,15 @@ def _encoder_cases(model, tokenizer, sess):
             yield "model", case, name, r, got[name], mask if per_token else None
 
 
-def _decoder_cases(model, tokenizer, sess, keys_rotated_by_index: bool = False):
+def _decoder_cases(model, tokenizer, sess, kv_cache, keys_rotated_by_index: bool = False):
     """keys_rotated_by_index: the graph's attention (GroupQueryAttention, graph.fuse_group_query_attention)
     rotates a left-padded row's keys by their index rather than their position; its present.*.key is then
     compared with torch's cache from a second run fed those index positions (logits and values with the
     normal run's, which they equal: rotary attention sees only relative positions)."""
     import torch
 
-    input_names = [i.name for i in sess.get_inputs()]
-    output_names = [o.name for o in sess.get_outputs()]
-    past_names = [n for n in input_names if n.startswith("past_key_values")]
-    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    from onnxpipe.generation.kv_cache import DecoderStepper, position_ids_from_mask
+
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -132,32 +131,29 @@ def _decoder_cases(model, tokenizer, sess, keys_rotated_by_index: bool = False):
         for case, texts in prompts.items():
             enc = tokenizer(texts, return_tensors="np", padding=True) if tokenizer.pad_token_id is not None else \
                 _left_pad([tokenizer(t)["input_ids"] for t in texts], pad)
-            ids = enc["input_ids"].astype(np.int64)
-            mask = enc["attention_mask"].astype(np.int64)
-            batch = ids.shape[0]
-            past = {}
-            for n in past_names:
-                heads, head_dim = shapes[n][1], shapes[n][3]
-                past[n] = np.zeros((batch, heads, 0, head_dim), np.float32)
+            # the LM head at every position, each compared with torch's
+            stepper = DecoderStepper(sess, kv_cache, logits_to_keep=0)
+            _require({"model": stepper.unfed_inputs()})
+            # generation's own setting: the LM head at the last position only, which must give the same logits
+            last = DecoderStepper(sess, kv_cache) if "logits_to_keep" in sess.input_names else None
+            runs = [s for s in (stepper, last) if s is not None]
             torch_cache = index_cache = None
-            step_ids = ids
+            step_ids = enc["input_ids"].astype(np.int64)
             for step in range(3):
-                pos = np.cumsum(mask, -1) - 1
-                pos[mask == 0] = 1
-                pos = pos[:, -step_ids.shape[1]:]
-                feeds = {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos,
-                         "logits_to_keep": np.array([0], np.int64), **past}
-                feeds = {k: v for k, v in feeds.items() if k in input_names}
-                _require(feeds, input_names, "model")
-                got = dict(zip(output_names, sess.run(None, feeds)))
-                if "logits_to_keep" in input_names:
-                    last = sess.run(["logits"], {**feeds, "logits_to_keep": np.array([1], np.int64)})[0]
-                    yield "model", f"{case},{'prefill' if step == 0 else f'decode step {step}'},logits_to_keep=1", \
-                        "logits", got["logits"][:, -1:], last, None
+                for run in runs:
+                    if step == 0:
+                        run.prefill(step_ids, enc["attention_mask"])
+                    else:
+                        run.step(step_ids[:, 0])
+                mask, logits, presents = stepper.attention_mask, stepper.logits, stepper.presents()
+                name = "prefill" if step == 0 else f"decode step {step}"
+                if last is not None:
+                    yield "model", f"{case},{name},logits_to_keep=1", "logits", logits[:, -1:], last.logits, None
+                pos = position_ids_from_mask(mask)[:, -step_ids.shape[1]:]
                 with torch.no_grad():
                     kw = dict(input_ids=torch.from_numpy(step_ids), attention_mask=torch.from_numpy(mask),
                               past_key_values=torch_cache, use_cache=True)
-                    if "position_ids" in input_names:
+                    if "position_ids" in sess.input_names:
                         kw["position_ids"] = torch.from_numpy(pos)
                     ref = model(**kw)
                 torch_cache = ref.past_key_values
@@ -170,65 +166,54 @@ def _decoder_cases(model, tokenizer, sess, keys_rotated_by_index: bool = False):
                                                "position_ids": torch.from_numpy(index_pos.copy())}
                                             ).past_key_values
                     keys = [k for k, _ in _cache_layers(index_cache)]
-                name = "prefill" if step == 0 else f"decode step {step}"
                 step_mask = mask[:, -step_ids.shape[1]:]
-                yield "model", f"{case},{name}", "logits", ref.logits.numpy(), got["logits"], step_mask
+                yield "model", f"{case},{name}", "logits", ref.logits.numpy(), logits, step_mask
                 for i, (k, v) in enumerate(zip(keys, [v for _, v in _cache_layers(torch_cache)])):
                     for kind, t in (("key", k), ("value", v)):
-                        yield "model", f"{case},{name}", f"present.{i}.{kind}", t.numpy(), got[f"present.{i}.{kind}"], \
+                        yield "model", f"{case},{name}", f"present.{i}.{kind}", t.numpy(), presents[f"present.{i}.{kind}"], \
                             mask
-                past = {n: got[n.replace("past_key_values", "present")] for n in past_names}
-                nxt = np.argmax(got["logits"][:, -1], -1)[:, None].astype(np.int64)
-                step_ids = nxt
-                mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], 1)
+                step_ids = np.argmax(logits[:, -1], -1)[:, None].astype(np.int64)
     finally:
         tokenizer.padding_side = old_side
 
 
-def _seq2seq_cases(model, tokenizer, sessions):
+def _seq2seq_cases(model, tokenizer, sessions, kv_cache):
+    import types
+
     import torch
     from transformers.modeling_outputs import BaseModelOutput
 
-    enc_sess, dec_sess, past_sess = sessions["encoder"], sessions["decoder"], sessions["decoder_with_past"]
+    from onnxpipe.generation.kv_cache import Seq2SeqStepper
+
     start = model.config.decoder_start_token_id
     for case, texts in {"batch=1": [SAMPLE_TEXTS[1]], "batch=2,padded": [SAMPLE_TEXTS[0], SAMPLE_TEXTS[2]]}.items():
         enc = tokenizer(texts, return_tensors="np", padding=True)
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        enc_feeds = {"input_ids": ids, "attention_mask": mask}
-        hidden = enc_sess.run(None, {k: v for k, v in enc_feeds.items() if k in _names(enc_sess)})[0]
+        # the stepper takes its graphs from a model folder's session(role)
+        stepper = Seq2SeqStepper(types.SimpleNamespace(session=sessions.__getitem__), kv_cache)
+        _require(stepper.unfed_inputs())
+        stepper.encode(ids, mask)
         with torch.no_grad():
             encoder = model.get_encoder()
             kw = {"use_cache": False} if "use_cache" in inspect.signature(encoder.forward).parameters else {}
             ref_enc = encoder(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), return_dict=True, **kw)
-        yield "encoder", case, "last_hidden_state", ref_enc.last_hidden_state.numpy(), hidden, mask
-        batch = ids.shape[0]
-        dec_ids = np.full((batch, 1), start, np.int64)
-        feeds = {"input_ids": dec_ids, "encoder_attention_mask": mask, "encoder_hidden_states": hidden}
-        names = _names(dec_sess)
-        _require(feeds, [n.name for n in dec_sess.get_inputs()], "decoder")
-        got = dict(zip([o.name for o in dec_sess.get_outputs()], dec_sess.run(None, {k: feeds[k] for k in names})))
+        yield "encoder", case, "last_hidden_state", ref_enc.last_hidden_state.numpy(), stepper.encoder_hidden_states, mask
+        dec_ids = np.full((ids.shape[0], 1), start, np.int64)
+        logits = stepper.prefill(dec_ids)  # the last (and only) position's: [batch, vocab]
         with torch.no_grad():
             ref = model(encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc.last_hidden_state),
                         attention_mask=torch.from_numpy(mask), decoder_input_ids=torch.from_numpy(dec_ids), use_cache=True)
-        yield "decoder", case, "logits", ref.logits.numpy(), got["logits"], None
+        yield "decoder", case, "logits", ref.logits.numpy(), logits[:, None], None
         cache = ref.past_key_values
-        past = {n.replace("present", "past_key_values"): v for n, v in got.items() if n.startswith("present")}
-        past_names = [n.name for n in past_sess.get_inputs()]
         for step in (1, 2):
-            nxt = np.argmax(got["logits"][:, -1], -1)[:, None].astype(np.int64)
-            feeds = {"input_ids": nxt, "encoder_attention_mask": mask, "encoder_hidden_states": hidden, **past}
-            _require(feeds, past_names, "decoder_with_past")
-            got_new = dict(zip([o.name for o in past_sess.get_outputs()], past_sess.run(None, {k: feeds[k] for k in past_names})))
+            nxt = np.argmax(logits, -1)[:, None].astype(np.int64)
+            logits = stepper.step(nxt)
             with torch.no_grad():
                 ref = model(encoder_outputs=BaseModelOutput(last_hidden_state=ref_enc.last_hidden_state),
                             attention_mask=torch.from_numpy(mask), decoder_input_ids=torch.from_numpy(nxt),
                             past_key_values=cache, use_cache=True)
             cache = ref.past_key_values
-            yield "decoder_with_past", f"{case},decode step {step}", "logits", ref.logits.numpy(), got_new["logits"], None
-            for n, v in got_new.items():
-                if n.startswith("present"):
-                    past[n.replace("present", "past_key_values")] = v
-            got = got_new
+            yield "decoder_with_past", f"{case},decode step {step}", "logits", ref.logits.numpy(), logits[:, None], None
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -239,25 +224,27 @@ def _keys_rotated_by_index(path) -> bool:
     return any(n.op_type == "GroupQueryAttention" for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
+def _kv_cache(model, task, out_dir, roles) -> dict:
+    """The kv_cache section the manifest will have (shared_buffer off: the steppers feed the cache back)."""
+    from . import manifest
+
+    return manifest._kv_cache(task, {role: manifest._graph_io(out_dir / f) for role, f in roles.items()}, model.config)
+
+
 def _session(path):
-    import onnxruntime as ort
+    """onnxpipe's own CPU session (ONNX Runtime's full optimization, on the process's thread pool), not cached."""
+    from onnxpipe.session import Session
 
-    from onnxpipe.session import on_process_pool
-
-    so = on_process_pool(ort.SessionOptions())
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return Session(path, session_cache=False)
 
 
-def _names(sess):
-    return [i.name for i in sess.get_inputs()]
+def _require(missing: dict):
+    """missing: {role: the graph's inputs onnxpipe has nothing to feed} (a stepper's unfed_inputs)."""
+    from .errors import ExportError
 
-
-def _require(feeds, input_names, role):
-    missing = [n for n in input_names if n not in feeds]
-    if missing:
-        from .errors import ExportError
-        raise ExportError(f"exported {role} graph wants inputs onnxpipe does not know how to feed: {', '.join(missing)}")
+    for role, names in missing.items():
+        if names:
+            raise ExportError(f"exported {role} graph wants inputs onnxpipe does not know how to feed: {', '.join(names)}")
 
 
 def _left_pad(seqs, pad):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .cache import check_built, folder_bytes, model_path, read_built_manifest
-from .registry import DefaultModel, Registry, load_registry
+from .default_models import DefaultModel, Registry, load_registry
 
 __all__ = ["default_model_dir", "list_models_table", "build_defaults", "model_status", "load_registry",
            "DefaultModel", "Registry"]
@@ -23,7 +23,7 @@ def default_model_dir(task: str, *, build: bool = True, cache_dir: str | os.Path
 
     Raises ValueError for a task with no default (saying why and how to export a model for it).
     """
-    from onnxpipe.registry import normalize_task
+    from onnxpipe.task_table import normalize_task
 
     model = load_registry().for_task(normalize_task(task))
     path = model_path(model, cache_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import data, evaluate
 from .cache import MANIFEST_NAME, build_lock, check_built, model_path, models_cache
-from .registry import DefaultModel
+from .default_models import DefaultModel
 from .sources import archive_sha256, fetch_package, sha256_file
 
 PRECISIONS = ("fp32", "int8")

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .registry import DefaultModel
+from .default_models import DefaultModel
 from .sources import DEFAULT_CACHE, sha256_file
 
 MANIFEST_NAME = "onnxpipe.json"

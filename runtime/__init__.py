@@ -6,10 +6,11 @@
 """
 from .direct import AutoModel, load
 from .model_dir import ModelDir, read_manifest
-from .registry import SUPPORTED_TASKS, TASK_ALIASES, pipeline
-from .session import Session, share_thread_pool
+from .factory import pipeline
+from .session import Session, SessionConfig, share_thread_pool
+from .task_table import SUPPORTED_TASKS, TASK_ALIASES
 from .tokenizer import Tokenizer
 from .generation import TextIteratorStreamer, TextStreamer, top_k_top_p_filtering
 
 __version__ = "0.1.0"
-__all__ = ["top_k_top_p_filtering", "TextStreamer", "TextIteratorStreamer", "AutoModel", "load", "ModelDir", "Session", "share_thread_pool", "Tokenizer", "pipeline", "read_manifest", "SUPPORTED_TASKS", "TASK_ALIASES"]
+__all__ = ["top_k_top_p_filtering", "TextStreamer", "TextIteratorStreamer", "AutoModel", "load", "ModelDir", "Session", "SessionConfig", "share_thread_pool", "Tokenizer", "pipeline", "read_manifest", "SUPPORTED_TASKS", "TASK_ALIASES"]

@@ -8,13 +8,15 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .task_table import EXPORT_TASKS, task_names
+
     parser = argparse.ArgumentParser(prog="onnxpipe", description="Transformers tasks on ONNX Runtime")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("export", help="export a transformers checkpoint to a verified onnxpipe model folder")
     ex.add_argument("checkpoint", help="folder with config.json, weights and tokenizer files (or one .gguf file)")
-    ex.add_argument("--task", default="auto", help="text-classification, token-classification, question-answering, "
-                    "fill-mask, feature-extraction, text-generation, text2text-generation, or auto (default)")
+    ex.add_argument("--task", default="auto", help=f"{', '.join(EXPORT_TASKS)} (or a pipeline task or alias that "
+                    "runs on one of them), or auto (default: from the checkpoint's architectures)")
     ex.add_argument("--out", required=True, help="model folder to write")
     ex.add_argument("--quantize", default=None, metavar="int8|int4|int8,int4",
                     help="also write quantized files beside fp32: int8 (dynamic, *.int8.onnx) and/or int4 "
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--no-validate", action="store_true", help="skip the comparison with torch (not recommended)")
 
     run = sub.add_parser("run", help="run a task on texts and print JSON")
-    run.add_argument("task")
+    run.add_argument("task", help=", ".join(task_names()))
     run.add_argument("texts", nargs="+")
     run.add_argument("--model", default=None, help="model folder (default: the task's built-in default)")
     run.add_argument("--device", default="cpu")

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from .session import Session
+from .session import Session, SessionConfig
 from .tokenizer import Tokenizer
 
 MANIFEST_NAME = "onnxpipe.json"
@@ -20,9 +20,10 @@ class ModelDir:
     >>> m.session().run({"input_ids": ...})    # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", device: str = "cpu",
-                 intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
+    def __init__(self, path: str | os.PathLike, *, precision: str = "fp32", session_config: SessionConfig | None = None,
+                 device=None, intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
                  session_options=None, session_cache=None):
+        """session_config, or the separate options it is built from once (see SessionConfig)."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if precision not in PRECISIONS:
@@ -32,13 +33,18 @@ class ModelDir:
             raise ValueError(f"model dir '{self.path}' has no {precision} file for {', '.join(missing)}: "
                              f"export it with --quantize {precision}, or use precision='fp32'")
         self.precision = precision
-        self.device = device
-        self._session_kwargs = dict(device=device, intra_op_num_threads=intra_op_num_threads,
-                                    inter_op_num_threads=inter_op_num_threads, session_options=session_options,
-                                    session_cache=session_cache)
+        self.session_config = SessionConfig.of(session_config, device=device, intra_op_num_threads=intra_op_num_threads,
+                                               inter_op_num_threads=inter_op_num_threads,
+                                               session_options=session_options, session_cache=session_cache)
         self.tokenizer = Tokenizer(self.path / self.manifest["tokenizer"].get("file", "tokenizer.json"),
                                    self.manifest["tokenizer"])
         self._sessions: dict[str, Session] = {}
+
+    @property
+    def device(self) -> str:
+        """The device that runs the model ('cpu' or 'cuda'), read from its session (created now if need be): after
+        a CUDA fallback it is 'cpu', whatever was asked for (`session_config.device`)."""
+        return self.session(self.roles[0]).device
 
     @property
     def task(self) -> str:
@@ -53,7 +59,7 @@ class ModelDir:
             entry = self.manifest["files"].get(role)
             if entry is None:
                 raise ValueError(f"model dir '{self.path}' has no '{role}' graph (it has: {', '.join(self.roles)})")
-            session = Session(self.path / entry[self.precision]["path"], **self._session_kwargs)
+            session = Session(self.path / entry[self.precision]["path"], self.session_config)
             fused = ((self.manifest.get("optimization") or {}).get("fused_ops") or {}).get("GroupQueryAttention")
             if session.device == "cuda" and fused:
                 Session._warn_once(f"onnxpipe: {self.path.name} was exported with --attention gqa (com.microsoft "
@@ -64,7 +70,8 @@ class ModelDir:
         return self._sessions[role]
 
     def __repr__(self) -> str:
-        return f"ModelDir({str(self.path)!r}, task={self.task!r}, precision={self.precision!r}, device={self.device!r})"
+        return (f"ModelDir({str(self.path)!r}, task={self.task!r}, precision={self.precision!r}, "
+                f"device={self.session_config.device!r})")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

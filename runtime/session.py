@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,41 +30,124 @@ def parse_device(device) -> tuple[str, int]:
     raise ValueError(f"device={device!r} is not understood: use 'cpu', 'cuda' or 'cuda:N'")
 
 
+@dataclass(frozen=True)
+class SessionConfig:
+    """How every ONNX Runtime session of a model is made: built once (by `pipeline()`, `ModelDir` or the server)
+    and passed intact to each `Session`, so that no layer builds options of its own.
+
+    device: 'cpu', 'cuda' or 'cuda:N'. intra_op_num_threads / inter_op_num_threads: None for ONNX Runtime's
+    default (capped at this machine's CPU count, with a warning). allow_spinning: False makes the thread pool
+    sleep between runs instead of spinning (a server wants its cores back for parsing and tokenizing).
+    cache: the session cache (CPU only): None takes $ONNXPIPE_SESSION_CACHE (a folder, or "off"), else the
+    default folder for graphs of DEFAULT_CACHE_MIN_BYTES or more; a folder; False for none.
+    provider_options: extra options for the CUDA provider (e.g. {"gpu_mem_limit": ...}).
+    session_options: an `onnxruntime.SessionOptions` used as it is, for settings this object does not cover;
+    then the other thread/spinning fields do not apply and the session cache is off (the cache key cannot
+    tell whether such options fit a saved graph).
+    """
+
+    device: str | int | None = "cpu"
+    intra_op_num_threads: int | None = None
+    inter_op_num_threads: int | None = None
+    allow_spinning: bool = True
+    cache: object = None
+    provider_options: dict | None = None
+    session_options: object = None
+
+    def __post_init__(self):
+        parse_device(self.device)  # a clear ValueError now, not at the first session
+        for name in ("intra_op_num_threads", "inter_op_num_threads"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+            cpus = os.cpu_count() or 1
+            if value > cpus:  # more threads than cores only adds contention (and memory: a stack per thread)
+                Session._warn_once(f"onnxpipe: {name}={value} is more than this machine's {cpus} CPUs; using {cpus}",
+                                   stacklevel=4)
+                object.__setattr__(self, name, cpus)
+        if not isinstance(self.allow_spinning, bool):
+            raise TypeError(f"allow_spinning must be True or False, got {self.allow_spinning!r}")
+        if self.provider_options is not None and not isinstance(self.provider_options, dict):
+            raise TypeError(f"provider_options must be a dict, got {type(self.provider_options).__name__}")
+
+    @classmethod
+    def of(cls, config: "SessionConfig | None" = None, **options) -> "SessionConfig":
+        """`config` as it is, or one built from the keyword options that are not None (device=..., session_cache=...
+        for `cache`, ...): the one way the convenience keywords of Session/ModelDir/pipeline become a config."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if config is not None:
+            if given:
+                raise TypeError(f"pass either session_config or the separate session options ({', '.join(given)}), "
+                                "not both")
+            return config
+        if "session_cache" in given:
+            given["cache"] = given.pop("session_cache")
+        return cls(**given)
+
+    @property
+    def kind(self) -> str:
+        return parse_device(self.device)[0]
+
+    def ort_options(self, ort):
+        """The SessionOptions this config stands for (the given ones, as they are, when session_options is set)."""
+        pool = shared_thread_pool()
+        if self.session_options is not None:
+            so = self.session_options
+        else:
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.log_severity_level = 3
+            if pool is None:
+                on_process_pool(so, self.intra_op_num_threads)
+                if self.inter_op_num_threads:
+                    so.inter_op_num_threads = int(self.inter_op_num_threads)
+            elif self.intra_op_num_threads and pool not in (0, self.intra_op_num_threads):
+                Session._warn_once(f"onnxpipe: intra_op_num_threads={self.intra_op_num_threads} is ignored: this "
+                                   f"process shares one ONNX Runtime thread pool of {pool} threads (share_thread_pool)")
+            if not self.allow_spinning:
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if pool is not None:  # every session of the process runs on the one pool (share_thread_pool)
+            so.use_per_session_threads = False
+        return so
+
+    def resolved_cache(self) -> tuple[Path | None, bool]:
+        """(cache folder or None, whether it was asked for): None for CUDA and for given session_options."""
+        if self.kind != "cpu" or self.session_options is not None:
+            return None, False
+        return resolve_session_cache(self.cache)
+
+
 class Session:
     """Wraps `onnxruntime.InferenceSession`.
 
     Asking for CUDA where it cannot load (no GPU, CPU-only onnxruntime, missing CUDA
-    libraries) warns once, saying why, and runs on CPU: `self.provider` tells which runs.
+    libraries) warns once, saying why, and runs on CPU: `self.provider` and `self.device` tell which runs.
 
-    session_cache (CPU only): None takes $ONNXPIPE_SESSION_CACHE (a folder, or "off"), else the default
-    folder (default_session_cache_dir) for graphs of DEFAULT_CACHE_MIN_BYTES or more; a folder; False for
-    none. See _cached_session.
+    Session(path, config) or Session(path, device=..., intra_op_num_threads=..., session_cache=...): the keyword
+    options are SessionConfig's fields (session_cache for its `cache`). See _cached_session for the cache.
     """
 
-    def __init__(self, path: str | os.PathLike, device="cpu", intra_op_num_threads: int | None = None,
-                 inter_op_num_threads: int | None = None, session_options=None, session_cache=None):
+    def __init__(self, path: str | os.PathLike, config: SessionConfig | None = None, *, device=None,
+                 intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
+                 session_options=None, session_cache=None):
         import onnxruntime as ort
 
         self.path = Path(path)
-        kind, index = parse_device(device)
-        so = session_options or ort.SessionOptions()
-        pool = shared_thread_pool()
-        if session_options is None:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.log_severity_level = 3
-            if pool is None:
-                on_process_pool(so, intra_op_num_threads)
-                if inter_op_num_threads:
-                    so.inter_op_num_threads = int(inter_op_num_threads)
-            elif intra_op_num_threads and pool not in (0, intra_op_num_threads):
-                self._warn_once(f"onnxpipe: intra_op_num_threads={intra_op_num_threads} is ignored: this process shares "
-                                f"one ONNX Runtime thread pool of {pool} threads (share_thread_pool)")
-        if pool is not None:  # every session of the process runs on the one pool (share_thread_pool)
-            so.use_per_session_threads = False
+        self.config = SessionConfig.of(config, device=device, intra_op_num_threads=intra_op_num_threads,
+                                       inter_op_num_threads=inter_op_num_threads, session_options=session_options,
+                                       session_cache=session_cache)
+        kind, index = parse_device(self.config.device)
+        so = self.config.ort_options(ort)
+        #: the SessionOptions the session was created with
+        self.options = so
         #: where the optimized, pre-packed graph this session loaded (or wrote) lives; None when not cached
         self.cached_from: Path | None = None
-        cache, explicit = (resolve_session_cache(session_cache) if kind == "cpu" and session_options is None
-                           else (None, False))
+        #: whether it was loaded from an entry written before (rather than optimized and written now)
+        self.cache_hit = False
+        cache, explicit = self.config.resolved_cache()
         if cache is not None and not explicit and _weight_bytes(self.path) < DEFAULT_CACHE_MIN_BYTES:
             cache = None  # small graphs pre-pack in a few ms: not worth the disk
         if cache is not None:
@@ -77,7 +161,8 @@ class Session:
                 self._warn_cpu(f"this onnxruntime build has no CUDAExecutionProvider (providers: {', '.join(available)}); "
                                "install onnxpipe[gpu] (onnxruntime-gpu) instead of onnxpipe[cpu]")
             else:
-                providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+                cuda_options = {"device_id": index, **(self.config.provider_options or {})}
+                providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
         self._sess = self._load(ort, str(self.path), so, providers)
         self._finish(kind, index, ort)
 
@@ -108,7 +193,7 @@ class Session:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
                 sess = ort.InferenceSession(str(graph), so, providers=providers)
-                self.cached_from = entry
+                self.cached_from, self.cache_hit = entry, True
                 return sess
             except Exception:  # a damaged entry: rebuild it below
                 shutil.rmtree(entry, ignore_errors=True)

@@ -23,6 +23,7 @@ class Tokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self._lock = threading.Lock()
+        self._counter = None  # count_tokens' own tokenizer, made on first use
         self.info = info
         ids = info.get("special_token_ids", {})
         toks = info.get("special_tokens", {})
@@ -78,6 +79,19 @@ class Tokenizer:
             finally:
                 self._tok.no_truncation()
                 self._tok.no_padding()
+
+    def count_tokens(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> int:
+        """Tokens in `text` (and `pair`), untruncated. Runs on a second tokenizer whose settings never change, so a
+        front end counting a request's tokens neither waits for nor disturbs the encode_batch calls of a pipeline
+        running in another thread."""
+        if self._counter is None:
+            from tokenizers import Tokenizer as _RustTokenizer
+
+            counter = _RustTokenizer.from_file(str(self.path))
+            counter.no_truncation()
+            counter.no_padding()
+            self._counter = counter
+        return len(self._counter.encode(text, pair, add_special_tokens=add_special_tokens).ids)
 
     def __call__(self, texts, pairs=None, **kwargs) -> dict[str, np.ndarray]:
         """Numpy feeds (input_ids, attention_mask, token_type_ids) for a batch; pads to the longest."""

@@ -24,7 +24,7 @@ SEQ2SEQ_ARCHS = ("t5", "bart")
 
 def _export_code_hash() -> str:
     h = hashlib.sha256()
-    for p in sorted((ROOT / "export").glob("*.py")):
+    for p in sorted((ROOT / "export").rglob("*.py")):
         h.update(p.read_bytes())
     return h.hexdigest()[:10]
 

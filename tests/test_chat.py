@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("jinja2")
 
 import onnxpipe  # noqa: E402
-from onnxpipe.chat import render_chat_template  # noqa: E402
+from onnxpipe.chat_template import render_chat_template  # noqa: E402
 
 CHATS = {
     "user-only": [{"role": "user", "content": "What is 2+2?"}],

@@ -19,7 +19,7 @@ import pytest
 from onnxpipe.models import cache as model_cache
 from onnxpipe.models import default_model_dir, list_models_table, load_registry
 from onnxpipe.models.sources import sha256_file
-from onnxpipe.registry import SUPPORTED_TASKS
+from onnxpipe.task_table import SUPPORTED_TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = load_registry()

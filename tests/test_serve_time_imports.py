@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from onnxpipe.registry import SUPPORTED_TASKS
+from onnxpipe.task_table import SUPPORTED_TASKS
 
 FORBIDDEN = ("torch", "transformers", "optimum", "onnx")  # exact names: onnxruntime is the point
 # task -> (tiny architecture, the export task its model dir is built for)
@@ -58,7 +58,7 @@ IMPORT_TIME = ("import time; t = time.perf_counter(); import onnxpipe; "
 
 
 def _module_written(task: str) -> bool:
-    return importlib.util.find_spec(f"onnxpipe.tasks.{SUPPORTED_TASKS[task][0]}") is not None
+    return importlib.util.find_spec(f"onnxpipe.tasks.{SUPPORTED_TASKS[task].module}") is not None
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_every_task_has_a_tiny_model():
 @pytest.mark.parametrize("task", sorted(SUPPORTED_TASKS))
 def test_pipeline_runs_without_torch(serve_run, task):
     if not _module_written(task):
-        pytest.skip(f"onnxpipe.tasks.{SUPPORTED_TASKS[task][0]} (for {task}) is not written yet")
+        pytest.skip(f"onnxpipe.tasks.{SUPPORTED_TASKS[task].module} (for {task}) is not written yet")
     result = serve_run["results"][task]
     assert result["ok"], result["repr"]
 

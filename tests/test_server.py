@@ -29,7 +29,8 @@ GRACEFUL_EXIT = (0, -signal.SIGTERM)
 class ServerProcess:
     """`python -m onnxpipe.cli serve ...` on a free loopback port, waited for until /ready answers 200."""
 
-    def __init__(self, models: list[str], log_dir: Path, *options: str, ready_within_s: float = 120):
+    def __init__(self, models: list[str], log_dir: Path, *options: str, ready_within_s: float = 120,
+                 env: dict | None = None):
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
@@ -38,7 +39,7 @@ class ServerProcess:
             args += ["--model", str(m)]
         # Output goes to a file: an unread pipe would fill up and block the server.
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([*args, *options], stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([*args, *options], stdout=log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready(ready_within_s)
 
     def _wait_ready(self, within_s: float) -> None:
@@ -295,3 +296,44 @@ def test_serve_refuses_an_unknown_task(clf_dir):
     out = subprocess.run([sys.executable, "-m", "onnxpipe.cli", "serve", "--model", f"x={clf_dir}@nonsense",
                           "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown task 'nonsense'" in out.stderr
+
+
+@pytest.mark.slow
+def test_serve_loads_a_large_model_from_the_session_cache_on_its_second_start(tmp_path, monkeypatch):
+    """The server's sessions do not spin (a server wants its cores back between runs) and still use the default
+    session cache: MiniLM (~90 MB, over the default cache's 32 MiB floor) is optimized and saved on the first start
+    and loaded as saved on the second."""
+    from conftest import real_export
+    from onnxpipe.server.app import ServerConfig
+    from onnxpipe.server.metrics import Metrics
+    from onnxpipe.server.pool import ModelPool, parse_model_specs
+    from onnxpipe.session import DEFAULT_CACHE_MIN_BYTES
+
+    folder = real_export("minilm")
+    assert sum(f.stat().st_size for f in folder.glob("model.onnx*")) >= DEFAULT_CACHE_MIN_BYTES
+    env = {k: v for k, v in os.environ.items() if k != "ONNXPIPE_SESSION_CACHE"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    states = []
+    for start in range(2):
+        server = ServerProcess([f"minilm={folder}@sentence-similarity"], tmp_path, env=env)
+        try:
+            (model,) = httpx.get(server.url + "/v1/models").json()["models"]
+            states.append(model["session_cache"])
+            r = httpx.post(f"{server.url}/v1/models/minilm", json={"inputs": ["a text", "another"]}, timeout=30)
+            assert r.status_code == 200 and len(r.json()) == 2
+        finally:
+            server.stop()
+    assert states == ["written", "hit"]
+    assert list((tmp_path / "xdg" / "onnxpipe" / "sessions").iterdir())
+
+    # the same through the pool in this process, where the session itself can be read
+    monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
+    monkeypatch.delenv("ONNXPIPE_SESSION_CACHE", raising=False)
+    pool = ModelPool(parse_model_specs([str(folder)]), ServerConfig(), Metrics(), stop_server=lambda: None)
+    pool.load()
+    assert pool.ready, pool.load_error
+    session = next(iter(pool.workers.values())).pipe.model.session()
+    assert session.cache_hit and session.cached_from.parent == tmp_path / "xdg" / "onnxpipe" / "sessions"
+    assert session.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session.options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    pool.close()

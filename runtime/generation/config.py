@@ -48,10 +48,11 @@ class GenerationConfig:
     def to_dict(self) -> dict:
         return copy.deepcopy(self.__dict__)
 
-    def update(self, **kwargs) -> "GenerationConfig":
+    def update(self, owner: str = "generate()", **kwargs) -> "GenerationConfig":
+        """A copy with `kwargs` set; a name GenerationConfig does not have is a TypeError naming `owner`."""
         unknown = [k for k in kwargs if k not in GLOBAL_DEFAULTS]
         if unknown:
-            raise TypeError(f"generate() got unexpected arguments: {', '.join(sorted(unknown))}")
+            raise TypeError(f"{owner} got unexpected arguments: {', '.join(sorted(unknown))}")
         new = GenerationConfig(self.__dict__)
         new.__dict__.update(kwargs)
         return new

@@ -9,14 +9,23 @@ return the decoder sequence starting with decoder_start_token_id.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
-from .config import GLOBAL_DEFAULTS, GenerationConfig, model_generation_config, pipeline_generation_config, validate
+from .config import GenerationConfig, model_generation_config, pipeline_generation_config, validate
 from .kv_cache import DecoderStepper, Seq2SeqStepper
 from .logits_process import build_logits_processor
 from .search import beam_search, sample_search
 from .stopping import build_stopping
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """One call's generation options, resolved and checked once (Generator.prepare)."""
+
+    config: GenerationConfig
+    user_max_length: int | None = None   # max_length as the caller gave it (transformers treats a default apart)
 
 
 class Generator:
@@ -43,29 +52,29 @@ class Generator:
             config = config.update(pad_token_id=pad)
         return generator, config
 
-    def check_kwargs(self, generation_config: GenerationConfig, kwargs: dict, owner: str) -> None:
-        """Unknown names are a TypeError and bad values a ValueError, raised before any work."""
-        unknown = sorted(k for k in kwargs if k not in GLOBAL_DEFAULTS)
-        if unknown:
-            raise TypeError(f"{owner} got unexpected arguments: {', '.join(unknown)}")
-        self.resolve_config(generation_config, **kwargs)
-
-    def resolve_config(self, generation_config: GenerationConfig | None = None, **kwargs) -> GenerationConfig:
-        config = (generation_config or self.generation_config).update(**kwargs)
+    def prepare(self, generation_config: GenerationConfig | None = None, owner: str = "generate()",
+                **kwargs) -> "GenerationPlan":
+        """The options of one generate() call resolved over `generation_config` (else the model's) and checked,
+        once: unknown names are a TypeError naming `owner`, bad values a ValueError, raised before any work."""
+        config = (generation_config or self.generation_config).update(owner, **kwargs)
         validate(config)
-        return config
+        return GenerationPlan(config, kwargs.get("max_length"))
 
-    def generate(self, input_ids=None, attention_mask=None, *, generation_config: GenerationConfig | None = None,
-                 seed: int | None = None, streamer=None, on_tokens=None, **kwargs) -> np.ndarray:
+    def generate(self, input_ids=None, attention_mask=None, *, plan: "GenerationPlan | None" = None,
+                 generation_config: GenerationConfig | None = None, seed: int | None = None, streamer=None,
+                 on_tokens=None, **kwargs) -> np.ndarray:
         """Token ids as `model.generate(input_ids, attention_mask=..., **kwargs)` returns them.
 
-        kwargs: transformers' generation options (max_new_tokens, do_sample, num_beams, ...).
+        kwargs: transformers' generation options (max_new_tokens, do_sample, num_beams, ...), resolved over
+        `generation_config`; or `plan`, options already resolved and checked by prepare() (a pipeline's call).
         seed: seeds the numpy Generator used for sampling (same seed, same tokens).
         streamer: an object with put(ids)/end() (TextStreamer); it gets the new tokens of row 0.
         """
-        user_max_length = kwargs.get("max_length")
-        user_min_length = kwargs.get("min_length")
-        config = self.resolve_config(generation_config, **kwargs)
+        if plan is None:
+            plan = self.prepare(generation_config, **kwargs)
+        elif kwargs or generation_config is not None:
+            raise TypeError("generate() takes a plan or generation options, not both")
+        config = plan.config
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, config)
         eos = config.eos_token_ids
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
@@ -91,7 +100,7 @@ class Generator:
             stepper = DecoderStepper(self.model.session("model"), self.manifest["kv_cache"])
             prompt = np.repeat(input_ids, expand, axis=0) if expand > 1 else input_ids
             attention_mask = np.repeat(attention_mask, expand, axis=0) if expand > 1 else attention_mask
-        config = self._prepare_lengths(config, prompt.shape[1], user_max_length, user_min_length)
+        config = self._prepare_lengths(config, prompt.shape[1], plan.user_max_length)
         process = build_logits_processor(config, prompt.shape[1])
         stopping = build_stopping(config, self.model.tokenizer)
         self.step_input_lengths = stepper.step_input_lengths
@@ -144,7 +153,7 @@ class Generator:
                              f"{self.max_positions} positions: shorten it or pass truncation=True")
         return input_ids, attention_mask
 
-    def _prepare_lengths(self, config, input_len, user_max_length, user_min_length) -> GenerationConfig:
+    def _prepare_lengths(self, config, input_len, user_max_length) -> GenerationConfig:
         """transformers' _prepare_generated_length and _validate_generated_length, plus the context window."""
         values = {}
         has_default_max_length = user_max_length is None and config.max_length is not None

@@ -12,7 +12,7 @@ the search strategies:
 On CUDA (Session.device == "cuda") the cache stays on the device through IO binding: each step
 binds the previous run's `present.*` OrtValues as the next run's `past_key_values.*`.
 
-On CPU, an export whose manifest says kv_cache.shared_buffer (GroupQueryAttention, export/graph.py)
+On CPU, an export whose manifest says kv_cache.shared_buffer (GroupQueryAttention, export/graph/shared_kv_buffer.py)
 keeps each cache tensor in one numpy buffer [batch, kv_heads, capacity, head_dim] bound as both its
 past and its present: the graph appends the new position in place instead of copying the whole cache
 into a new present every step. The capacity starts at the prompt plus SHARED_HEADROOM positions and
@@ -136,7 +136,10 @@ class _SharedBuffers:
 
 
 class DecoderStepper:
-    def __init__(self, session, kv_cache: dict):
+    """logits_to_keep: fed as the export's logits_to_keep input (where it has one): the LM head runs for the last
+    this many positions of a run, 0 for all of them (export validation compares them all with torch's)."""
+
+    def __init__(self, session, kv_cache: dict, logits_to_keep: int = 1):
         self.runner = _Runner(session)
         self.session = session
         self.past_names = list(kv_cache["past_names"])
@@ -147,6 +150,9 @@ class DecoderStepper:
         self.step_input_lengths: list[int] = []
         self.cache: dict = {}
         self.attention_mask: np.ndarray | None = None
+        self.logits_to_keep = int(logits_to_keep)
+        #: the last run's logits output as the graph gave it: [batch, positions kept, vocab]
+        self.logits: np.ndarray | None = None
         self.shared = None
         if kv_cache.get("shared_buffer") and not self.runner.on_device:
             self.shared = _SharedBuffers(session, self.past_names, self.present_names, self.num_kv_heads,
@@ -172,6 +178,19 @@ class DecoderStepper:
         cache_feeds = {past: self.cache[present] for past, present in zip(self.past_names, self.present_names)}
         return self._run(next_tokens.reshape(batch, 1).astype(np.int64), position_ids, cache_feeds)
 
+    def presents(self) -> dict[str, np.ndarray]:
+        """The cache after the last run as numpy arrays, {present.* name: [batch, kv_heads, positions, head_dim]}."""
+        if self.shared is not None:  # the buffers hold capacity positions, the first attention_mask length in use
+            length = self.attention_mask.shape[1]
+            return {present: self.shared.buffers[past][:, :, :length]
+                    for past, present in zip(self.past_names, self.present_names)}
+        return {name: value.numpy() if self.runner.on_device else value for name, value in self.cache.items()}
+
+    def unfed_inputs(self) -> list[str]:
+        """The graph's inputs this stepper has nothing to feed: it cannot drive an export that has any."""
+        fed = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", *self.past_names}
+        return [name for name in self.session.input_names if name not in fed]
+
     def reorder(self, beam_idx: np.ndarray) -> None:
         if self.shared is not None:
             self.shared.take(beam_idx)
@@ -181,14 +200,15 @@ class DecoderStepper:
 
     def _run(self, input_ids, position_ids, cache_feeds) -> np.ndarray:
         self.step_input_lengths.append(int(input_ids.shape[1]))
-        # logits_to_keep (when the export has it) skips the LM head for all but the last position at prefill
+        # logits_to_keep (when the export has it), 1 by default, skips the LM head for all but the last position
+        # at prefill
         feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids,
-                 "logits_to_keep": np.array([1], dtype=np.int64)}
+                 "logits_to_keep": np.array([self.logits_to_keep], dtype=np.int64)}
         if self.shared is not None:
-            logits = self.shared.run(feeds)
-            return np.array(logits[:, -1, :], dtype=np.float32)
-        logits, self.cache = self.runner.run(feeds, cache_feeds, self.present_names)
-        return np.array(logits[:, -1, :], dtype=np.float32)
+            self.logits = self.shared.run(feeds)
+            return np.array(self.logits[:, -1, :], dtype=np.float32)
+        self.logits, self.cache = self.runner.run(feeds, cache_feeds, self.present_names)
+        return np.array(self.logits[:, -1, :], dtype=np.float32)
 
 
 class Seq2SeqStepper:
@@ -234,6 +254,14 @@ class Seq2SeqStepper:
         logits, new_self = self.decoder_with_past.run(feeds, cache_feeds, outputs)
         self.cache.update(new_self)  # cross-attention K/V do not change after the first step
         return np.array(logits[:, -1, :], dtype=np.float32)
+
+    def unfed_inputs(self) -> dict[str, list[str]]:
+        """{role: the graph's inputs this stepper has nothing to feed}: it cannot drive an export that has any."""
+        cache = {*self.self_past, *self.cross_past}
+        fed = {"encoder": (self.encoder, {"input_ids", "attention_mask"}),
+               "decoder": (self.decoder.session, {"input_ids", "encoder_attention_mask", "encoder_hidden_states"}),
+               "decoder_with_past": (self.decoder_with_past.session, {"input_ids", "encoder_attention_mask", *cache})}
+        return {role: [n for n in session.input_names if n not in names] for role, (session, names) in fed.items()}
 
     def reorder(self, beam_idx: np.ndarray) -> None:
         self.cache = {name: self.decoder.take(value, beam_idx) for name, value in self.cache.items()}

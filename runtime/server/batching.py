@@ -1,28 +1,30 @@
 """Dynamic batching for one model: a bounded queue in front of worker threads that run the pipeline.
 
 Requests wait in a bounded queue (full -> `QueueFull`, answered 503). A worker thread takes
-the oldest request, then gathers later ones with the same parameters until the batch holds
+the oldest request, then gathers later ones with the same options until the batch holds
 `max_batch_size` inputs or `max_wait_ms` has passed (waiting only if others were already
-queued), and runs them as list calls, `pipe([...], batch_size=n, **parameters)`, one per group
-of similar input lengths. Results go back to the event loop as encoded JSON, so the loop never
+queued), and runs them as list calls, `pipe.run([...], options, batch_size=n)`, one per group
+of similar input lengths. Only the pipeline's public request contract is used (base.py): whether
+it joins requests or streams, how a list call's results split per item and go back to each
+request. Results go back to the event loop as encoded JSON, so the loop never
 blocks on inference or on serialising a large result. A request that timed out or whose client
 went away is marked cancelled and skipped if it has not started; a stream stops at its next token.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from onnxpipe.base import CallOptions, RequestInputs
+
 from .errors import RequestError
-from .inputs import PADDING_SHOWS_TASKS, ParsedInputs, answer_for, item_results
 
 log = logging.getLogger("onnxpipe.server")
 
@@ -43,23 +45,18 @@ class WorkerClosed(Exception):
 class Job:
     """One request on its way through the queue; `future` gets JSON bytes or a RequestError."""
 
-    parsed: ParsedInputs
-    parameters: dict
+    inputs: RequestInputs
+    options: CallOptions
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     stream: bool = False
     # stream jobs: ("piece", text) items, then ("end", StreamEnd | RequestError)
     pieces: asyncio.Queue | None = None
     cancelled: bool = False
-    key: str = field(init=False)
-
-    def __post_init__(self):
-        # Only requests with equal parameters can share one pipeline call.
-        self.key = json.dumps(self.parameters, sort_keys=True)
 
     @property
     def size(self) -> int:
-        return len(self.parsed.items)
+        return len(self.inputs.items)
 
     def resolve(self, value) -> None:
         self._call_soon(_set_future, self.future, value)
@@ -89,18 +86,13 @@ class ModelWorker:
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.metrics = metrics
-        # Requests are combined only where the pipeline really batches (a looping one would just make
-        # each request wait for the others) and where batching does not change results.
-        self.combines = _accepts(pipe, "batch_size") and self.task not in PADDING_SHOWS_TASKS
+        # Requests are combined only where the pipeline says results do not depend on their neighbours.
+        self.combines = pipe.joins_requests
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"onnxpipe-{name}-{i}", daemon=True)
                          for i in range(max(1, int(threads)))]
-
-    @property
-    def can_stream(self) -> bool:
-        return _accepts(self.pipe, "streamer")
 
     def depth(self) -> int:
         return len(self._queue)
@@ -167,7 +159,7 @@ class ModelWorker:
                 for job in list(self._queue):
                     if job.cancelled:
                         self._queue.remove(job)
-                    elif not job.stream and job.key == first.key and size + job.size <= self.max_batch_size:
+                    elif not job.stream and job.options.key == first.options.key and size + job.size <= self.max_batch_size:
                         self._queue.remove(job)
                         batch.append(job)
                         size += job.size
@@ -186,14 +178,15 @@ class ModelWorker:
         if len(batch) == 1:
             self._run_alone(batch[0])
             return
-        flat = [item for job in batch for item in job.parsed.items]
-        lengths = [n for job in batch for n in (job.parsed.lengths or [None] * job.size)]
+        flat = [item for job in batch for item in job.inputs.items]
+        lengths = [n for job in batch for n in (job.inputs.lengths or [None] * job.size)]
+        options = batch[0].options
         results: list = [None] * len(flat)
         try:
             for chunk in length_buckets(lengths):
                 items = [flat[i] for i in chunk]
-                out = self.pipe(items, **batch[0].parameters, **self._batch_kw(len(items)))
-                for i, result in zip(chunk, item_results(self.task, out, len(items))):
+                out = self.pipe.run(items, options, **self._batch_kw(len(items)))
+                for i, result in zip(chunk, self.pipe.results_per_item(out, len(items))):
                     results[i] = result
         except (ValueError, TypeError):
             # One bad input must not fail its neighbours: rerun each alone to answer each truly.
@@ -209,12 +202,12 @@ class ModelWorker:
         for job in batch:
             part = results[start:start + job.size]
             start += job.size
-            job.resolve(encode_json(answer_for(self.task, job.parameters, job.parsed, part)))
+            job.resolve(encode_json(self.pipe.answer(job.inputs, job.options, part)))
 
     def _run_alone(self, job: Job) -> None:
         """Exactly the in-process call `pipe(inputs, **parameters)`."""
         try:
-            result = self.pipe(job.parsed.value, **job.parameters, **self._batch_kw(job.size))
+            result = self.pipe.run(job.inputs.value, job.options, **self._batch_kw(job.size))
             job.resolve(encode_json(result))
         except (ValueError, TypeError) as e:
             job.resolve(RequestError(422, str(e)))
@@ -229,7 +222,7 @@ class ModelWorker:
         tap = _StreamTap(self.pipe.tokenizer, job)
         cancelled = False
         try:
-            result = self.pipe(job.parsed.value, streamer=tap, **job.parameters)
+            result = self.pipe.run(job.inputs.value, job.options, streamer=tap)
             job.push("end", StreamEnd(result, tap.tokens))
         except ClientGone:
             cancelled = True
@@ -286,7 +279,7 @@ class _StreamTap:
         self.job = job
         self.tokens = 0
         self.text = TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
-                                 skip_special_tokens=job.parameters.get("skip_special_tokens", True))
+                                 skip_special_tokens=job.options.given.get("skip_special_tokens", True))
 
     def put(self, token_ids) -> None:
         if self.job.cancelled:
@@ -297,16 +290,6 @@ class _StreamTap:
     def end(self) -> None:
         if not self.job.cancelled:
             self.text.end()
-
-
-def _accepts(pipe, name: str) -> bool:
-    """Whether the pipeline takes keyword `name` itself (a subclass may hide it behind **kwargs)."""
-    for cls in type(pipe).__mro__:
-        for attr in ("__call__", "_sanitize_parameters"):
-            fn = cls.__dict__.get(attr)
-            if fn is not None and name in inspect.signature(fn).parameters:
-                return True
-    return False
 
 
 def encode_json(result) -> bytes:

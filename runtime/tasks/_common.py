@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..base import Pipeline
+from ..base import CallOptions, Pipeline, check_batch_size
 from ..tokenizer import to_numpy
 
 TOKENIZER_KWARGS = ("truncation", "max_length", "padding", "add_special_tokens")
@@ -39,21 +39,31 @@ def check_texts(inputs, arg_name: str = "inputs") -> tuple[list[str], bool]:
 class EncoderPipeline(Pipeline):
     """A pipeline that runs the model once per input: lists go through `run_batched` in `batch_size` batches.
 
-    batch_size is taken at construction and per call, as transformers' pipelines take it.
+    batch_size is taken at construction and per call, as transformers' pipelines take it. Requests may be joined
+    into one batch: each input is preprocessed and postprocessed alone, so its result does not depend on its
+    neighbours (except where a task keeps the padding in its output: it sets joins_requests = False).
     """
+
+    takes_batch_size = True
+    joins_requests = True
 
     def __init__(self, model, *, batch_size=None, **kwargs):
         self._batch_size = check_batch_size(batch_size)
         super().__init__(model, **kwargs)
 
-    def __call__(self, inputs, *, batch_size=None, **kwargs):
-        pre, fwd, post = self._merged_params(kwargs)
-        batch_size = self._batch_size if batch_size is None else check_batch_size(batch_size)
+    def run(self, inputs, options: CallOptions, *, batch_size: int | None = None):
+        pre, fwd, post = options.preprocess, options.forward, options.postprocess
         if not isinstance(inputs, list):
             return self.run_single(inputs, pre, fwd, post)
         if not inputs:
             raise ValueError(f"{self.task}: inputs is an empty list: pass at least one input")
-        return self._run(inputs, batch_size, pre, fwd, post)
+        return self._run(inputs, self._batch_size_for(options, batch_size), pre, fwd, post)
+
+    def _batch_size_for(self, options: CallOptions, batch_size: int | None) -> int:
+        """The call's batch_size: run()'s, else the options', else the construction's."""
+        if batch_size is not None:
+            return check_batch_size(batch_size)
+        return options.batch_size if options.batch_size is not None else self._batch_size
 
     def run_single(self, inputs, pre, fwd, post):
         return self._run([inputs], 1, pre, fwd, post)[0]
@@ -72,17 +82,29 @@ class ChunkPipeline(EncoderPipeline):
     """transformers' ChunkPipeline: preprocess turns one input into a list of items (QA windows,
     NER stride windows); batches cross input boundaries and postprocess gets one input's list."""
 
-    def run_inputs(self, inputs: list, batch_size, kwargs: dict) -> list:
-        """One result per input, for subclasses whose __call__ parses its own input forms."""
-        pre, fwd, post = self._merged_params(kwargs)
-        batch_size = self._batch_size if batch_size is None else check_batch_size(batch_size)
-        return self._run(inputs, batch_size, pre, fwd, post)
+    def run_examples(self, inputs: list, options: CallOptions, batch_size: int | None = None) -> list:
+        """One result per input, for subclasses whose run() parses its own input forms."""
+        pre, fwd, post = options.preprocess, options.forward, options.postprocess
+        return self._run(inputs, self._batch_size_for(options, batch_size), pre, fwd, post)
 
     def _run(self, inputs: list, batch_size: int, pre, fwd, post) -> list:
         chunks = [self.preprocess(x, **pre) for x in inputs]
         outputs = run_chunked(chunks, batch_size, lambda feeds: self._forward(feeds, **fwd),
                               pad=pad_values(self.tokenizer), padding_side=self.tokenizer.padding_side)
         return [self.postprocess(out, **post) for out in outputs]
+
+
+class UnwrapsOneItemList:
+    """For tasks whose transformers pipeline returns pipe([x]) as pipe(x) (question answering, fill-mask): the
+    request contract's side of that unwrapping. Listed before the pipeline class in the bases."""
+
+    def results_per_item(self, output, n: int) -> list:
+        return [output] if n == 1 else list(output)
+
+    def answer(self, inputs, options, results: list):
+        if inputs.is_list and len(results) == 1:
+            return results[0]
+        return super().answer(inputs, options, results)
 
 
 def check_tokenizer_kwargs(kwargs: dict, owner: str) -> dict:
@@ -121,14 +143,6 @@ def encode(tokenizer, text: str, pair: str | None = None, *, truncation=None, ma
         raise ValueError(f"the input is {len(encs[0].ids)} tokens long and the model takes at most {longest}: "
                          "pass truncation=True (or leave truncation unset) to cut it")
     return to_numpy(encs)
-
-
-def check_batch_size(batch_size) -> int:
-    if batch_size is None:
-        return 1
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
 
 
 def check_positive_int(value, arg_name: str) -> int:

@@ -25,9 +25,13 @@ class FeatureExtractionPipeline(EncoderPipeline):
     task = "feature-extraction"
     model_tasks = ("feature-extraction",)
 
-    def __call__(self, inputs, **kwargs):
+    # With batch_size > 1 each result keeps its batch's padded length (as transformers' does): joining requests
+    # would change what each one gets back.
+    joins_requests = False
+
+    def run(self, inputs, options, *, batch_size=None):
         check_texts(inputs, "inputs")
-        return super().__call__(inputs, **kwargs)
+        return super().run(inputs, options, batch_size=batch_size)
 
     def _sanitize_parameters(self, truncation=None, tokenize_kwargs=None, return_tensors=None, **kwargs):
         if kwargs:
@@ -65,10 +69,13 @@ class SentenceEmbeddingPipeline(EncoderPipeline):
     task = "sentence-similarity"
     model_tasks = ("feature-extraction",)
 
-    def __call__(self, inputs, **kwargs):
+    def run(self, inputs, options, *, batch_size=None):
         _, single = check_texts(inputs, "inputs")
-        result = super().__call__(inputs, **kwargs)
+        result = super().run(inputs, options, batch_size=batch_size)
         return result if single else np.stack(result)
+
+    def texts_to_measure(self, item, options):
+        return None  # cut at max_seq_length, as sentence-transformers does
 
     def _sanitize_parameters(self, pooling=None, normalize=None, max_length=None, **kwargs):
         if kwargs:

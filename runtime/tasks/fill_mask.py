@@ -10,12 +10,13 @@ import logging
 
 import numpy as np
 
-from ._common import EncoderPipeline, check_positive_int, check_texts, check_tokenizer_kwargs, encode, softmax
+from ._common import (EncoderPipeline, UnwrapsOneItemList, check_positive_int, check_texts, check_tokenizer_kwargs,
+                      encode, softmax)
 
 logger = logging.getLogger(__name__)
 
 
-class FillMaskPipeline(EncoderPipeline):
+class FillMaskPipeline(UnwrapsOneItemList, EncoderPipeline):
     """Predict the model's mask token (`pipe.tokenizer.mask_token`) with a masked-LM export.
 
     top_k (default 5); targets: a str or list of str to score instead of the whole vocabulary
@@ -26,12 +27,17 @@ class FillMaskPipeline(EncoderPipeline):
     task = "fill-mask"
     model_tasks = ("fill-mask",)
 
-    def __call__(self, inputs, **kwargs):
+    def run(self, inputs, options, *, batch_size=None):
         check_texts(inputs, "inputs")
-        outputs = super().__call__(inputs, **kwargs)
+        outputs = super().run(inputs, options, batch_size=batch_size)
         if isinstance(inputs, list) and len(inputs) == 1:
             return outputs[0]
         return outputs
+
+    def texts_to_measure(self, item, options):
+        if (options.preprocess.get("tokenizer_kwargs") or {}).get("truncation"):
+            return None
+        return super().texts_to_measure(item, options)
 
     def _sanitize_parameters(self, top_k=None, targets=None, tokenizer_kwargs=None, **kwargs):
         if kwargs:

@@ -18,13 +18,13 @@ import warnings
 
 import numpy as np
 
-from ._common import ChunkPipeline, check_positive_int
+from ._common import ChunkPipeline, UnwrapsOneItemList, check_positive_int
 
 _PADDING = ("do_not_pad", "longest", "max_length", True, False)
 _MIN_NULL_SCORE = 1000000  # transformers' starting value: "large and positive"
 
 
-class QuestionAnsweringPipeline(ChunkPipeline):
+class QuestionAnsweringPipeline(UnwrapsOneItemList, ChunkPipeline):
     """Extractive QA with a question-answering export (start/end logits).
 
     top_k (1), doc_stride (min(max_seq_len // 2, 128)), max_answer_len (15), max_seq_len
@@ -36,9 +36,27 @@ class QuestionAnsweringPipeline(ChunkPipeline):
     task = "question-answering"
     model_tasks = ("question-answering",)
 
-    def __call__(self, *args, question=None, context=None, batch_size=None, **kwargs):
-        results = self.run_inputs(parse_examples(args, question, context), batch_size, kwargs)
+    input_description = "{'question': str, 'context': str} or a list of those"
+
+    def __call__(self, *args, question=None, context=None, **kwargs):
+        options = self.check_parameters(kwargs)
+        return self._answer_examples(parse_examples(args, question, context), options, None)
+
+    def run(self, inputs, options, *, batch_size=None):
+        return self._answer_examples(parse_examples((inputs,), None, None), options, batch_size)
+
+    def _answer_examples(self, examples: list, options, batch_size):
+        results = self.run_examples(examples, options, batch_size)
         return results[0] if len(results) == 1 else results
+
+    # -- the request contract: long contexts run as doc_stride windows, so any length is fine ----------------------
+
+    def accepts_item(self, item) -> bool:
+        return isinstance(item, dict) and set(item) == {"question", "context"} and all(
+            isinstance(v, str) for v in item.values())
+
+    def texts_to_measure(self, item, options):
+        return None
 
     def _sanitize_parameters(self, top_k=None, topk=None, doc_stride=None, max_answer_len=None, max_seq_len=None,
                              max_question_len=None, handle_impossible_answer=None, align_to_words=None, padding=None):

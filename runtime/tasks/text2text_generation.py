@@ -13,7 +13,7 @@ import enum
 
 import numpy as np
 
-from ..base import Pipeline
+from ._generating import GeneratingPipeline
 from ..generation import Generator
 
 
@@ -22,7 +22,7 @@ class ReturnType(enum.Enum):
     TEXT = 1
 
 
-class Text2TextGenerationPipeline(Pipeline):
+class Text2TextGenerationPipeline(GeneratingPipeline):
     task = "text2text-generation"
     model_tasks = ("text2text-generation",)
     default_generation = {"max_new_tokens": 256, "num_beams": 4}
@@ -37,9 +37,9 @@ class Text2TextGenerationPipeline(Pipeline):
             self.generation_config = self.generation_config.update(**params)
         super().__init__(model, **kwargs)
 
-    def __call__(self, inputs, **kwargs):
+    def run(self, inputs, options):
         """One text -> a list of records; a list of texts -> one record per text (a list each with several sequences)."""
-        pre, fwd, post = self._merged_params(kwargs)
+        pre, fwd, post = options.preprocess, options.forward, options.postprocess
         if isinstance(inputs, (list, tuple)):
             if not inputs:
                 raise ValueError(f"{self.task}: inputs is an empty list: pass a string or a non-empty list of strings")
@@ -52,6 +52,12 @@ class Text2TextGenerationPipeline(Pipeline):
         """`model.generate(input_ids, attention_mask=..., **kwargs)`: decoder ids, model defaults only."""
         return self.generator.generate(input_ids, attention_mask, **kwargs)
 
+    def answer(self, inputs, options, results):
+        # pipe(["a", "b"]) flattens each one-sequence [r] to r; pipe("a") keeps [r]
+        if not inputs.is_list and isinstance(results[0], dict):
+            return [results[0]]
+        return super().answer(inputs, options, results)
+
     def _sanitize_parameters(self, return_tensors=None, return_text=None, return_type=None,
                              clean_up_tokenization_spaces=None, truncation=None, stop_sequence=None, seed=None,
                              src_lang=None, tgt_lang=None, **generate_kwargs):
@@ -63,7 +69,6 @@ class Text2TextGenerationPipeline(Pipeline):
             if not ids:
                 raise ValueError(f"stop_sequence={stop_sequence!r} encodes to no tokens")
             fwd["eos_token_id"] = ids[0]  # transformers stops on the first token of the sequence only
-        self.generator.check_kwargs(self.generation_config, fwd, type(self).__name__)
         if seed is not None:
             fwd["seed"] = seed
         if return_tensors is not None and return_type is None:
@@ -79,9 +84,9 @@ class Text2TextGenerationPipeline(Pipeline):
         return {"input_ids": np.array([enc.ids], dtype=np.int64),
                 "attention_mask": np.array([enc.attention_mask], dtype=np.int64)}
 
-    def _forward(self, model_inputs, **generate_kwargs):
-        output_ids = self.generator.generate(model_inputs["input_ids"], model_inputs["attention_mask"],
-                                             generation_config=self.generation_config, **generate_kwargs)
+    def _forward(self, model_inputs, plan, seed=None):
+        output_ids = self.generator.generate(model_inputs["input_ids"], model_inputs["attention_mask"], plan=plan,
+                                             seed=seed)
         return {"output_ids": output_ids}
 
     def postprocess(self, model_outputs, return_type=ReturnType.TEXT, clean_up_tokenization_spaces=False):

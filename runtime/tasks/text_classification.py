@@ -32,12 +32,30 @@ class TextClassificationPipeline(EncoderPipeline):
     task = "text-classification"
     model_tasks = ("text-classification",)
 
-    def __call__(self, inputs, **kwargs):
-        result = super().__call__(inputs, **kwargs)
-        # transformers wraps a str's result in a list unless top_k was given to this call.
-        if isinstance(inputs, str) and "top_k" not in kwargs:
-            return [result]
-        return result
+    input_description = "a string, a {'text': str, 'text_pair': str} object, or a list of those"
+
+    def run(self, inputs, options, *, batch_size=None):
+        result = super().run(inputs, options, batch_size=batch_size)
+        return [result] if _wraps_result(inputs, options) else result
+
+    # -- the request contract ----------------------------------------------------------------------------------
+
+    def accepts_item(self, item) -> bool:
+        return isinstance(item, str) or (isinstance(item, dict) and isinstance(item.get("text"), str)
+                                         and set(item) <= {"text", "text_pair"}
+                                         and isinstance(item.get("text_pair", ""), str))
+
+    def texts_to_measure(self, item, options):
+        if isinstance(item, dict) and not options.preprocess.get("truncation"):
+            return item["text"], item.get("text_pair")
+        return super().texts_to_measure(item, options)
+
+    def answer(self, inputs, options, results):
+        if not inputs.is_list and _wraps_result(inputs.items[0], options):
+            return [results[0]]
+        return super().answer(inputs, options, results)
+
+    # -- the four steps ----------------------------------------------------------------------------------------
 
     def _sanitize_parameters(self, return_all_scores=None, function_to_apply=None, top_k="", **tokenizer_kwargs):
         # top_k="" means "not given": top_k=None is a real value (all labels).
@@ -85,6 +103,11 @@ class TextClassificationPipeline(EncoderPipeline):
             if top_k is not None:
                 dict_scores = dict_scores[:top_k]
         return dict_scores
+
+
+def _wraps_result(inputs, options) -> bool:
+    """transformers wraps a str's result in a list unless top_k was given to this call."""
+    return isinstance(inputs, str) and "top_k" not in options.given
 
 
 def default_function(problem_type: str | None, num_labels: int | None) -> str:

@@ -18,10 +18,10 @@ import threading
 
 import numpy as np
 
-from ..base import Pipeline
-from ..chat import check_messages, render_chat_template
+from ..chat_template import check_messages, render_chat_template
 from ..generation import Generator, TextIteratorStreamer, TextStreamer
 from ..generation.streamer import StreamCancelled
+from ._generating import GeneratingPipeline
 
 
 class ReturnType(enum.Enum):
@@ -37,7 +37,7 @@ class Chat:
         self.messages = check_messages(messages)
 
 
-class TextGenerationPipeline(Pipeline):
+class TextGenerationPipeline(GeneratingPipeline):
     task = "text-generation"
     model_tasks = ("text-generation",)
     default_generation = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
@@ -48,9 +48,15 @@ class TextGenerationPipeline(Pipeline):
 
     # --- public entry points ------------------------------------------------------------------------------------
 
-    def __call__(self, text_inputs, **kwargs):
-        """Continue a prompt (str), several prompts (list of str), a chat (list of message dicts) or several chats."""
-        pre, fwd, post = self._merged_params(kwargs)
+    streams = True
+    input_description = "a prompt string, a chat (a list of {'role', 'content'} objects), or a list of those"
+
+    def run(self, text_inputs, options, *, streamer=None):
+        """Continue a prompt (str), several prompts (list of str), a chat (list of message dicts) or several chats.
+        streamer: as the streamer option, for options checked without one."""
+        pre, fwd, post = options.preprocess, options.forward, options.postprocess
+        if streamer is not None:
+            fwd = {**fwd, "streamer": _as_streamer(streamer, self.tokenizer)}
         if isinstance(text_inputs, (list, tuple)):
             if not text_inputs:
                 raise ValueError("text_inputs is an empty list: pass a prompt, a list of prompts or a chat")
@@ -90,6 +96,28 @@ class TextGenerationPipeline(Pipeline):
             streamer.cancel()  # a consumer that stops early also stops the generation
             thread.join()
 
+    # --- the request contract -----------------------------------------------------------------------------------
+
+    @property
+    def chats(self) -> bool:
+        return bool(self.manifest.get("chat_template"))
+
+    def is_one_input(self, value: list) -> bool:
+        return bool(value) and isinstance(value[0], dict)  # a list of messages is one chat, not a batch
+
+    def accepts_item(self, item) -> bool:
+        return isinstance(item, str) or (isinstance(item, list) and bool(item) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in item))
+
+    def reserved_positions(self, options) -> int:
+        new_tokens = options.given.get("max_new_tokens")
+        return new_tokens if isinstance(new_tokens, int) and not isinstance(new_tokens, bool) else 0
+
+    def _too_long(self, where, n, reserved, limit):
+        extra = f" plus max_new_tokens={reserved}" if reserved else ""
+        return (f"{where} is {n} tokens long{extra}; this model takes at most {limit} positions (manifest max "
+                "length): shorten the prompt or max_new_tokens")
+
     # --- the four steps -------------------------------------------------------------------------------------------
 
     def _sanitize_parameters(self, return_full_text=None, return_tensors=None, return_text=None, return_type=None,
@@ -118,11 +146,10 @@ class TextGenerationPipeline(Pipeline):
             post["continue_final_message"] = continue_final_message
         if stop_sequence is not None:
             fwd["eos_token_id"] = self.tokenizer.encode_batch([stop_sequence], add_special_tokens=False)[0].ids
-        self.generator.check_kwargs(self.generation_config, fwd, type(self).__name__)
         if seed is not None:
             fwd["seed"] = seed
         if streamer is not None:
-            fwd["streamer"] = streamer if hasattr(streamer, "put") else _callback_streamer(streamer, self.tokenizer)
+            fwd["streamer"] = _as_streamer(streamer, self.tokenizer)
         if fwd.get("max_new_tokens") is not None:
             pre["max_new_tokens"] = fwd["max_new_tokens"]  # for handle_long_generation='hole'
         if return_full_text is not None and return_type is None:
@@ -165,12 +192,11 @@ class TextGenerationPipeline(Pipeline):
             input_ids, attention_mask = self._hole(input_ids, attention_mask, max_new_tokens, max_length)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_text": prompt_text}
 
-    def _forward(self, model_inputs, **generate_kwargs):
+    def _forward(self, model_inputs, plan, seed=None, streamer=None):
         input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
         if input_ids.shape[1] == 0:  # an empty prompt starts from BOS, as transformers does
             input_ids = attention_mask = None
-        sequences = self.generator.generate(input_ids, attention_mask, generation_config=self.generation_config,
-                                            **generate_kwargs)
+        sequences = self.generator.generate(input_ids, attention_mask, plan=plan, seed=seed, streamer=streamer)
         return {"generated_sequence": sequences, "input_ids": input_ids, "prompt_text": model_inputs["prompt_text"]}
 
     def postprocess(self, model_outputs, return_type=ReturnType.FULL_TEXT, clean_up_tokenization_spaces=True,
@@ -231,7 +257,10 @@ def _check_prompt(prompt, name):
     return prompt
 
 
-def _callback_streamer(callback, tokenizer):
-    if not callable(callback):
+def _as_streamer(streamer, tokenizer):
+    """A streamer object (put/end) as it is; a callable gets each text piece."""
+    if hasattr(streamer, "put"):
+        return streamer
+    if not callable(streamer):
         raise TypeError("streamer must be a callable taking each text piece, or an object with put()/end()")
-    return TextStreamer(tokenizer, callback=callback)
+    return TextStreamer(tokenizer, callback=streamer)

@@ -41,11 +41,15 @@ class TokenClassificationPipeline(ChunkPipeline):
         if not self.id2label:
             raise ValueError(f"model dir '{model.path}' has no id2label in its manifest: export it again")
 
-    def __call__(self, inputs, *, batch_size=None, **kwargs):
-        split = kwargs.get("is_split_into_words", self._preprocess_params.get("is_split_into_words", False))
-        texts, single = _check_inputs(inputs, bool(split))
-        results = self.run_inputs(texts, batch_size, kwargs)
+    def run(self, inputs, options, *, batch_size=None):
+        texts, single = _check_inputs(inputs, bool(options.preprocess.get("is_split_into_words", False)))
+        results = self.run_examples(texts, options, batch_size)
         return results[0] if single else results
+
+    def texts_to_measure(self, item, options):
+        if options.preprocess.get("stride") is not None:  # long texts run as stride windows
+            return None
+        return super().texts_to_measure(item, options)
 
     def _sanitize_parameters(self, ignore_labels=None, grouped_entities=None, ignore_subwords=None,
                              aggregation_strategy=None, stride=None, is_split_into_words=None, delimiter=None):

@@ -65,7 +65,7 @@ class Registry:
         """A model by its name, or the default for a task name (aliases such as 'ner' included)."""
         if name_or_task in self.models:
             return self.models[name_or_task]
-        from onnxpipe.registry import normalize_task
+        from onnxpipe.task_table import normalize_task
 
         try:
             task = normalize_task(name_or_task)

@@ -12,20 +12,33 @@ import uuid
 from starlette.responses import JSONResponse
 
 from .errors import RequestError
-from .inputs import parse_inputs
+from .exchange import Exchange, sse
 
 SUPPORTED_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
                     "stop", "stream", "n", "user")
 
 
-async def chat_completion(state, request, body: dict):
+class ChatCompletions:
+    def __init__(self, exchange: Exchange):
+        self.exchange = exchange
+        self.pool = exchange.pool
+
+    async def endpoint(self, request):
+        return await self.exchange.handle(request, "/v1/chat/completions", None, self._complete)
+
+    async def _complete(self, request, body: dict):
+        return await chat_completion(self.exchange, body)
+
+
+async def chat_completion(exchange: Exchange, body: dict):
+    pool = exchange.pool
     name = body.get("model")
     if not isinstance(name, str):
-        raise RequestError(422, f"'model' must name a loaded chat model: {', '.join(state.chat_models())}")
-    worker = state.worker(name)
-    if name not in state.chat_models():
+        raise RequestError(422, f"'model' must name a loaded chat model: {', '.join(pool.chat_models())}")
+    worker = pool.worker(name)
+    if not worker.pipe.chats:
         raise RequestError(422, f"model {name!r} ({worker.task}) is not a chat model (a text-generation model with a "
-                                f"chat template); chat models here: {', '.join(state.chat_models()) or 'none'}")
+                                f"chat template); chat models here: {', '.join(pool.chat_models()) or 'none'}")
     unknown = sorted(set(body) - set(SUPPORTED_FIELDS))
     if unknown:
         raise RequestError(422, f"unsupported field(s) {', '.join(unknown)}: this server takes {', '.join(SUPPORTED_FIELDS)}")
@@ -34,15 +47,16 @@ async def chat_completion(state, request, body: dict):
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(422, "'messages' must be a non-empty list of {'role': str, 'content': str} objects")
-    parsed = parse_inputs("text-generation", messages)
-    parameters = state.check_parameters(worker, pipeline_parameters(body))
+    options = exchange.check_parameters(worker, pipeline_parameters(body))
+    inputs = exchange.check_inputs(worker, messages, options, where="messages")
+    if inputs.is_list:
+        raise RequestError(422, "'messages' must be one chat: a list of {'role': str, 'content': str} objects")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(422, "'stream' must be true or false")
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    max_new = parameters.get("max_new_tokens", getattr(getattr(worker.pipe, "generation_config", None),
-                                                        "max_new_tokens", None))
+    max_new = worker.pipe.max_new_tokens(options)
 
     def finish_reason(end) -> str:
         return "length" if max_new is not None and end.new_tokens >= max_new else "stop"
@@ -52,8 +66,6 @@ async def chat_completion(state, request, body: dict):
                 "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
     if stream:
-        from .app import sse
-
         started = False
 
         def render(piece: str) -> bytes:
@@ -62,9 +74,9 @@ async def chat_completion(state, request, body: dict):
             started = True
             return sse(chunk(delta))
 
-        return state.stream(worker, parsed, parameters, render, lambda end: [sse(chunk({}, finish_reason(end)))])
+        return exchange.stream(worker, inputs, options, render, lambda end: [sse(chunk({}, finish_reason(end)))])
 
-    end = await state.collect(worker, parsed, parameters)
+    end = await exchange.collect(worker, inputs, options)
     message = end.result[0]["generated_text"][-1]
     return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created, "model": name,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": message["content"]},
