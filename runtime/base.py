@@ -46,6 +46,15 @@ class CallOptions:
         return json.dumps(self.given, sort_keys=True, default=repr)
 
 
+@dataclass(frozen=True)
+class GenerationWork:
+    """What one input of a generating call costs: sequences decoded side by side, and new tokens each."""
+
+    num_beams: int
+    num_return_sequences: int
+    new_tokens: int
+
+
 @dataclass
 class RequestInputs:
     """A request's inputs split into pipeline inputs."""
@@ -173,6 +182,24 @@ class Pipeline:
             return item, None
         return None
 
+    def count_input_tokens(self, item) -> int:
+        """Tokens in every text of an input (a question and its context, a chat's messages): what a front end
+        counts against its per-request budget, whatever the pipeline does with long inputs."""
+        texts, stack = [], [item]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+        return sum(self.tokenizer.count_tokens(t, add_special_tokens=False) for t in texts)
+
+    def generation_work(self, options: CallOptions) -> "GenerationWork | None":
+        """How much a call generates per input (None: it runs one forward pass per input)."""
+        return None
+
     def reserved_positions(self, options: CallOptions) -> int:
         """Positions a call needs beyond its input (new tokens of a decoder)."""
         return 0
@@ -226,6 +253,15 @@ def check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
+
+
+def check_bool(value, name: str) -> bool:
+    """A true/false option: a front end's "yes", "no" or 1 is refused rather than taken by its truthiness."""
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def json_type(value) -> str:

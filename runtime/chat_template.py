@@ -34,7 +34,7 @@ def render_chat_template(template: str | None, messages, *, add_generation_promp
     if add_generation_prompt and continue_final_message:
         raise ValueError("continue_final_message and add_generation_prompt are not compatible: use "
                          "continue_final_message to continue the last message, add_generation_prompt to start a new one")
-    compiled = _compile(template)
+    compiled = _compile_checked(template)
     final_message = None
     if continue_final_message:
         messages = [dict(m) for m in messages]
@@ -44,8 +44,15 @@ def render_chat_template(template: str | None, messages, *, add_generation_promp
         messages[-1]["content"] = final_message + CONTINUE_FINAL_MESSAGE_TAG
     variables = {k: v for k, v in (special_tokens or {}).items() if v is not None}
     variables.update(kwargs)
-    rendered = compiled.render(messages=messages, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **variables)
+    import jinja2
+
+    try:
+        rendered = compiled.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.TemplateError as e:  # raise_exception (e.g. roles out of order), the sandbox, an undefined name
+        raise _template_error_class()(f"the model's chat template refused these messages: {e}") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError, RecursionError) as e:  # the template's own code
+        raise ValueError(f"the model's chat template failed on these messages: {type(e).__name__}: {e}") from None
     if continue_final_message:
         tag = CONTINUE_FINAL_MESSAGE_TAG.strip()
         if final_message.strip() not in rendered or tag not in rendered:
@@ -57,6 +64,28 @@ def render_chat_template(template: str | None, messages, *, add_generation_promp
         else:  # the template trimmed the message's trailing space
             rendered = rendered[:loc].rstrip()
     return rendered
+
+
+@functools.lru_cache(maxsize=1)
+def _template_error_class():
+    """A jinja2 TemplateError, as transformers raises it, that is also a ValueError: a front end answers it as a
+    fault of the messages (422), not of the server. Made on first use: jinja2 is imported lazily."""
+    import jinja2
+
+    class ChatTemplateError(jinja2.exceptions.TemplateError, ValueError):
+        pass
+
+    return ChatTemplateError
+
+
+def _compile_checked(template: str):
+    """The compiled template; a template that is not valid Jinja is a ValueError naming its error."""
+    try:
+        return _compile(template)
+    except ImportError:
+        raise
+    except Exception as e:  # jinja2.TemplateSyntaxError, and what the parser raises on garbage
+        raise ValueError(f"the model's chat template cannot be compiled: {type(e).__name__}: {e}") from None
 
 
 @functools.lru_cache(maxsize=8)

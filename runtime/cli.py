@@ -59,16 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                          "to the manifest's (@sentence-similarity serves a feature-extraction export's embeddings)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch-size", type=int, default=8, help="inputs run together at most (1: no batching)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (0: no wait)")
-    sv.add_argument("--workers", type=int, default=1, help="inference threads per model")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 503")
-    sv.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take before 504")
-    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
-    sv.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per session")
     sv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    _server_options(sv)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -143,15 +135,34 @@ def _build(args) -> int:
     return 0
 
 
+def _server_options(parser) -> None:
+    """`serve`'s settings, from ServerConfig's fields (their defaults and help live there, once)."""
+    import dataclasses
+    import typing
+
+    from onnxpipe.server.config import ServerConfig
+
+    hints = typing.get_type_hints(ServerConfig)
+    for f in dataclasses.fields(ServerConfig):
+        meta = f.metadata
+        if meta.get("kind") == "append":
+            parser.add_argument(meta["flag"], dest=f.name, action="append", default=[], help=meta["help"])
+            continue
+        kind = next(t for t in (int, float, str) if t in typing.get_args(hints[f.name]) or hints[f.name] is t)
+        parser.add_argument(meta["flag"], dest=f.name, type=kind, default=f.default,
+                            help=f"{meta['help']} (default: {f.default})")
+
+
 def _serve(args) -> int:
+    import dataclasses
+
     try:
         from onnxpipe.server import serve
+        from onnxpipe.server.config import ServerConfig
     except ImportError as e:
         raise ValueError(f"serve needs the server extra ({e.name} is missing): pip install 'onnxpipe[server]'") from None
-    serve(args.model, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          max_wait_ms=args.max_wait_ms, workers=args.workers, max_queue=args.max_queue,
-          request_timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, device=args.device,
-          precision=args.precision, intra_op_num_threads=args.threads, access_log=args.access_log)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    serve(args.model, host=args.host, port=args.port, access_log=args.access_log, **options)
     return 0
 
 

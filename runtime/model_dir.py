@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from .manifest_checks import check_manifest, check_no_escaping_links
 from .session import Session, SessionConfig
 from .tokenizer import Tokenizer
 
@@ -84,17 +85,20 @@ def read_manifest(path: str | os.PathLike) -> dict:
     mpath = path / MANIFEST_NAME
     if not mpath.exists():
         raise ValueError(f"model dir '{path}' has no {MANIFEST_NAME}: export it first with onnxpipe export")
+    check_no_escaping_links(path)  # before reading anything of it, the manifest included
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model dir '{path}' has an unreadable {MANIFEST_NAME} ({e}): export it again") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"model dir '{path}' has an unreadable {MANIFEST_NAME} ({type(e).__name__}: "
+                         f"{str(e)[:200]}): export it again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"model dir '{path}': {MANIFEST_NAME} must be a JSON object, not {type(manifest).__name__}: "
+                         "export it again")
     version = manifest.get("format_version")
-    if version != SUPPORTED_FORMAT:
+    if version != SUPPORTED_FORMAT or isinstance(version, bool):
         raise ValueError(f"model dir '{path}' has manifest format {version!r}; this onnxpipe reads format "
                          f"{SUPPORTED_FORMAT}: export it again with this version")
-    for key in ("task", "files", "tokenizer"):
-        if key not in manifest:
-            raise ValueError(f"model dir '{path}': {MANIFEST_NAME} lacks '{key}': export it again")
+    check_manifest(manifest, path)  # field types, and every named file inside the folder
     for role, files in manifest["files"].items():
         for precision, entry in files.items():
             for name in (entry["path"], (entry.get("external_data") or {}).get("path")):

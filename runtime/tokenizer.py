@@ -19,7 +19,11 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.exists():
             raise ValueError(f"model dir '{self.path.parent}' has no {self.path.name}: export it again")
-        self._tok = _RustTokenizer.from_file(str(self.path))
+        try:
+            self._tok = _RustTokenizer.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise ValueError(f"model dir '{self.path.parent}': {self.path.name} is not a tokenizer file tokenizers can "
+                             f"read ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}): export it again") from None
         self._tok.no_truncation()
         self._tok.no_padding()
         self._lock = threading.Lock()

@@ -87,6 +87,10 @@ def test_group_query_attention_export_on_cuda_warns_that_its_attention_runs_on_c
     names the export option that avoids it (the CUDA session is simulated: no GPU here)."""
     from conftest import tiny_export
 
+    # exported first: export validation runs the graphs through Session, which must stay on the CPU for it
+    gqa = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16)
+    onnx_attention = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16,
+                                 attention="onnx")
     monkeypatch.setattr(session_mod, "_warned", set())
     finish = Session._finish
 
@@ -95,9 +99,6 @@ def test_group_query_attention_export_on_cuda_warns_that_its_attention_runs_on_c
         self.device = "cuda"
 
     monkeypatch.setattr(Session, "_finish", on_cuda)
-    gqa = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16)
-    onnx_attention = tiny_export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16,
-                                 attention="onnx")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         onnxpipe.ModelDir(gqa, device="cuda").session()

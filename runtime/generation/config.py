@@ -7,6 +7,7 @@ global GenerationConfig() defaults below.
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 
 # GenerationConfig() defaults in transformers 4.57 for every option this package reads.
@@ -28,6 +29,8 @@ UNSUPPORTED = ("typical_p", "epsilon_cutoff", "eta_cutoff", "bad_words_ids", "en
                "encoder_no_repeat_ngram_size", "sequence_bias", "exponential_decay_length_penalty",
                "guidance_scale", "num_beam_groups", "diversity_penalty", "penalty_alpha", "constraints",
                "force_words_ids")
+# Options that are true or false, and nothing else.
+BOOLEAN_OPTIONS = ("do_sample", "renormalize_logits", "remove_invalid_values", "use_cache")
 # Call-time keywords that are not GenerationConfig fields but are understood by `generate`.
 EXTRA_KWARGS = ("seed", "streamer")
 
@@ -91,7 +94,15 @@ def pipeline_generation_config(model_config: GenerationConfig, pipeline_defaults
 def validate(config: GenerationConfig) -> None:
     """The checks transformers' GenerationConfig.validate and the processors make, as ValueError/TypeError."""
     c = config
-    if c.early_stopping not in (True, False, "never"):
+    for name in BOOLEAN_OPTIONS:
+        _check_bool(name, getattr(c, name))
+    for name in ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id"):
+        _check_int(name, getattr(c, name), minimum=0, optional=True)
+    eos = c.eos_token_id
+    for value in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        _check_int("eos_token_id", value, minimum=0, optional=True)
+    if c.early_stopping not in (True, False, "never") or isinstance(c.early_stopping, (int, float)) and \
+            not isinstance(c.early_stopping, bool):
         raise ValueError(f"early_stopping={c.early_stopping!r} must be True, False or 'never'")
     _check_int("max_new_tokens", c.max_new_tokens, minimum=1, optional=True)
     _check_int("max_length", c.max_length, minimum=1, optional=True)
@@ -141,8 +152,16 @@ def _check_int(name, value, minimum, optional=False):
         raise ValueError(f"{name}={value!r} must be >= {minimum}")
 
 
+def _check_bool(name, value):
+    # a JSON client's "yes" or 1 is not taken for True: transformers would, silently
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be true or false")
+
+
 def _check_number(name, value, strictly_positive=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
     if strictly_positive and not value > 0:
         raise ValueError(f"{name}={value!r} must be > 0")

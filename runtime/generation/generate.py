@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import cancel
+from ..errors import ModelOutputError
 from .config import GenerationConfig, model_generation_config, pipeline_generation_config, validate
 from .kv_cache import DecoderStepper, Seq2SeqStepper
 from .logits_process import build_logits_processor
@@ -75,6 +77,11 @@ class Generator:
         elif kwargs or generation_config is not None:
             raise TypeError("generate() takes a plan or generation options, not both")
         config = plan.config
+        for name in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if getattr(config, name) is not None:
+                self._check_token_ids(np.array([getattr(config, name)]), name)
+        if config.eos_token_ids:
+            self._check_token_ids(np.array(config.eos_token_ids), "eos_token_id")
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, config)
         eos = config.eos_token_ids
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
@@ -106,8 +113,17 @@ class Generator:
         self.step_input_lengths = stepper.step_input_lengths
 
         first = stepper.prefill(prompt) if self.is_encoder_decoder else stepper.prefill(prompt, attention_mask)
+        _check_logits(first, 0)
+        steps = iter(range(1, 1 << 62))
+
+        def step(tokens):
+            cancel.check()  # a caller that has gone stops generation here, within one token
+            logits = stepper.step(tokens)
+            _check_logits(logits, next(steps))
+            return logits
+
         if config.num_beams > 1:
-            return beam_search(first, stepper.step, stepper.reorder, prompt, config=config, process=process,
+            return beam_search(first, step, stepper.reorder, prompt, config=config, process=process,
                                stopping=stopping, pad_token_id=pad, rng=rng)
         def emit(tokens):
             if streamer is not None:
@@ -116,13 +132,19 @@ class Generator:
                 on_tokens(tokens)
 
         try:
-            return sample_search(first, stepper.step, prompt, config=config, process=process, stopping=stopping,
-                                 pad_token_id=pad, rng=rng, on_tokens=emit)
+            sequences = sample_search(first, step, prompt, config=config, process=process, stopping=stopping,
+                                      pad_token_id=pad, rng=rng, on_tokens=emit)
         finally:
             if streamer is not None:
                 streamer.end()
+        if streamer is not None and hasattr(streamer, "on_finish"):
+            # "length": cut by max_length / max_new_tokens or the context window; "stop": EOS or a stop string
+            streamer.on_finish("length" if sequences.shape[1] >= config.max_length else "stop")
+        return sequences
 
     def _check_inputs(self, input_ids, attention_mask, config):
+        if input_ids is not None and np.ndim(input_ids) == 2 and np.shape(input_ids)[0] == 0:
+            raise ValueError(f"input_ids has no rows (shape {np.shape(input_ids)}): pass at least one prompt")
         if input_ids is None or np.asarray(input_ids).size == 0:
             if self.is_encoder_decoder:
                 raise ValueError("input_ids is empty: an encoder-decoder model needs a non-empty input")
@@ -137,6 +159,7 @@ class Generator:
             raise TypeError(f"input_ids must be a [batch, length] integer array, got shape {input_ids.shape} "
                             f"dtype {input_ids.dtype}")
         input_ids = input_ids.astype(np.int64)
+        self._check_token_ids(input_ids, "input_ids")
         if attention_mask is not None:
             attention_mask = np.asarray(attention_mask)
             if attention_mask.ndim == 1:
@@ -152,6 +175,23 @@ class Generator:
             raise ValueError(f"the input is {input_ids.shape[1]} tokens, longer than this model's limit of "
                              f"{self.max_positions} positions: shorten it or pass truncation=True")
         return input_ids, attention_mask
+
+    def _check_token_ids(self, ids: np.ndarray, name: str) -> None:
+        """Token ids outside the vocabulary would reach ONNX Runtime's Gather as an out-of-bounds index."""
+        vocab = self.vocab_size
+        if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids.max()) if ids.max() >= vocab else int(ids.min())
+            raise ValueError(f"{name} holds token id {bad}, outside this model's vocabulary of {vocab} ids")
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size: the last, static dimension of its logits output (None if dynamic)."""
+        if not hasattr(self, "_vocab_size"):
+            role = "decoder" if self.is_encoder_decoder else "model"
+            outputs = {o.name: o for o in self.model.session(role).ort_session.get_outputs()}
+            dims = getattr(outputs.get("logits"), "shape", None) or [None]
+            self._vocab_size = dims[-1] if isinstance(dims[-1], int) else None
+        return self._vocab_size
 
     def _prepare_lengths(self, config, input_len, user_max_length) -> GenerationConfig:
         """transformers' _prepare_generated_length and _validate_generated_length, plus the context window."""
@@ -175,6 +215,14 @@ class Generator:
                           f"generation stops at {self.max_positions} tokens", UserWarning, stacklevel=3)
             config = GenerationConfig({**config.to_dict(), "max_length": self.max_positions})
         return config
+
+
+def _check_logits(logits: np.ndarray, step: int) -> None:
+    """NaN logits mean broken weights or a broken export: every token would be a guess (argmax picks id 0)."""
+    if np.isnan(logits).any():
+        where = "after the prompt" if step == 0 else f"at decode step {step}"
+        raise ModelOutputError(f"the model's logits are NaN {where}: its weights or export are broken (export it "
+                               "again, and check the checkpoint)")
 
 
 def _infer_attention_mask(input_ids: np.ndarray, pad, eos: list[int]) -> np.ndarray:

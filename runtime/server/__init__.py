@@ -5,6 +5,15 @@
 
 Needs the `server` extra (uvicorn + Starlette). The routes are described in `app.py`.
 """
-from .app import ServerConfig, create_app, serve
+from .config import ServerConfig
 
 __all__ = ["ServerConfig", "create_app", "serve"]
+
+
+def __getattr__(name):
+    # the app (uvicorn, Starlette) only when asked for: the CLI reads ServerConfig without the server extra
+    if name in ("create_app", "serve"):
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(name)

@@ -23,7 +23,6 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 
 import uvicorn
 from starlette.applications import Starlette
@@ -31,10 +30,13 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .config import ServerConfig
+from .connections import guarded_protocol
 from .errors import RequestError
 from .exchange import Exchange
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_chat import ChatCompletions
+from .origins import OriginGuard
 from .pool import ModelPool, parse_model_specs
 from .routes import NativeRoutes
 
@@ -45,41 +47,6 @@ log = logging.getLogger("onnxpipe.server")
 # back from the event loop; at Python's default 5 ms interval, while the loop is busy parsing
 # requests, each of those returns can wait up to 5 ms (a batch makes dozens of them).
 SWITCH_INTERVAL_S = 0.0005
-
-
-@dataclass
-class ServerConfig:
-    max_batch_size: int = 8
-    max_wait_ms: float = 5.0
-    workers: int = 1                     # inference threads per model
-    max_queue: int = 64                  # requests waiting per model before 503
-    request_timeout_s: float = 30.0      # from arrival to answer (or to each streamed piece)
-    max_body_bytes: int = 1 << 20
-    precision: str = "fp32"
-    device: str = "cpu"
-    intra_op_num_threads: int | None = None
-    retry_after_s: int = 1
-
-    def __post_init__(self):
-        for name in ("max_batch_size", "workers", "max_queue", "max_body_bytes", "retry_after_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_wait_ms", "request_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-                    (name == "request_timeout_s" and value == 0):
-                raise ValueError(f"{name} must be a {'positive' if name == 'request_timeout_s' else 'non-negative'} "
-                                 f"number, got {value!r}")
-        self.session_config()  # device and threads checked by the session settings' own rules
-
-    def session_config(self):
-        """The sessions' settings, one object for every model: the thread pool sleeps between runs instead of
-        spinning (a spinning pool keeps its cores busy after every run, taking them from the event loop that parses
-        requests and from the next batch's tokenization); the session cache stays on (its default)."""
-        from onnxpipe.session import SessionConfig
-
-        return SessionConfig(device=self.device, intra_op_num_threads=self.intra_op_num_threads, allow_spinning=False)
 
 
 def serve(models, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8, max_wait_ms: float = 5.0,
@@ -94,8 +61,11 @@ def serve(models, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int
     app = create_app(models, config)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     grace = graceful_timeout_s if graceful_timeout_s is not None else config.request_timeout_s + 5
-    server = _GracefulServer(uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level="info",
-                                            timeout_graceful_shutdown=grace, lifespan="on"))
+    server = _GracefulServer(uvicorn.Config(
+        OriginGuard(app, config.allowed_origins), host=host, port=port, access_log=access_log, log_level="info",
+        timeout_graceful_shutdown=grace, lifespan="on", timeout_keep_alive=config.keep_alive_s,
+        http=guarded_protocol(config.max_connections, config.header_timeout_s)))
+    server.pool = app.state.onnxpipe
     app.state.onnxpipe.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
     if app.state.onnxpipe.load_error is not None:
@@ -129,6 +99,8 @@ def create_app(models, config: ServerConfig | None = None) -> Starlette:
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, RequestError: _request_error})
+    # a trailing-slash redirect would build its URL from the client's Host header: a wrong path is a 404
+    app.router.redirect_slashes = False
     app.state.onnxpipe = pool
     return app
 
@@ -137,7 +109,7 @@ class _GracefulServer(uvicorn.Server):
     """Marks the app as draining the moment shutdown begins, before uvicorn waits for open connections."""
 
     async def shutdown(self, sockets=None):
-        self.config.app.state.onnxpipe.begin_drain()
+        self.pool.begin_drain()
         await super().shutdown(sockets)
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxpipe.base import CallOptions, RequestInputs
+from onnxpipe.cancel import Cancelled, cancel_when
+from onnxpipe.errors import ModelOutputError, ModelRunError
 
 from .errors import RequestError
 
@@ -183,37 +185,46 @@ class ModelWorker:
         options = batch[0].options
         results: list = [None] * len(flat)
         try:
-            for chunk in length_buckets(lengths):
-                items = [flat[i] for i in chunk]
-                out = self.pipe.run(items, options, **self._batch_kw(len(items)))
-                for i, result in zip(chunk, self.pipe.results_per_item(out, len(items))):
-                    results[i] = result
+            with cancel_when(lambda: all(j.cancelled for j in batch)):
+                for chunk in length_buckets(lengths):
+                    items = [flat[i] for i in chunk]
+                    out = self.pipe.run(items, options, **self._batch_kw(len(items)))
+                    for i, result in zip(chunk, self.pipe.results_per_item(out, len(items))):
+                        results[i] = result
+        except Cancelled:
+            return  # every request of the batch has been answered already (timeout) or has gone
         except (ValueError, TypeError):
             # One bad input must not fail its neighbours: rerun each alone to answer each truly.
             for job in batch:
                 self._run_alone(job)
             return
         except Exception as e:  # noqa: BLE001 - a server answers every request, whatever broke
-            log.exception("model %s: batch of %d failed", self.name, len(flat))
+            error = failure(self.name, e, f"batch of {len(flat)}")
             for job in batch:
-                job.resolve(RequestError(500, f"inference failed: {type(e).__name__}: {e}"))
+                job.resolve(error)
             return
         start = 0
         for job in batch:
             part = results[start:start + job.size]
             start += job.size
-            job.resolve(encode_json(self.pipe.answer(job.inputs, job.options, part)))
+            self._resolve(job, lambda: encode_json(self.pipe.answer(job.inputs, job.options, part)))
 
     def _run_alone(self, job: Job) -> None:
         """Exactly the in-process call `pipe(inputs, **parameters)`."""
+        self._resolve(job, lambda: encode_json(self.pipe.run(job.inputs.value, job.options,
+                                                             **self._batch_kw(job.size))))
+
+    def _resolve(self, job: Job, make_answer) -> None:
+        """Answer `job` with what make_answer() returns, or with the error it raised, as the status it deserves."""
         try:
-            result = self.pipe.run(job.inputs.value, job.options, **self._batch_kw(job.size))
-            job.resolve(encode_json(result))
+            with cancel_when(lambda: job.cancelled):
+                job.resolve(make_answer())
+        except Cancelled:
+            pass
         except (ValueError, TypeError) as e:
             job.resolve(RequestError(422, str(e)))
         except Exception as e:  # noqa: BLE001
-            log.exception("model %s: request failed", self.name)
-            job.resolve(RequestError(500, f"inference failed: {type(e).__name__}: {e}"))
+            job.resolve(failure(self.name, e, "request"))
 
     def _run_stream(self, job: Job) -> None:
         """Generate with a streamer that hands each text piece to the event loop as it is decoded."""
@@ -222,15 +233,16 @@ class ModelWorker:
         tap = _StreamTap(self.pipe.tokenizer, job)
         cancelled = False
         try:
-            result = self.pipe.run(job.inputs.value, job.options, streamer=tap)
-            job.push("end", StreamEnd(result, tap.tokens))
-        except ClientGone:
+            with cancel_when(lambda: job.cancelled):
+                result = self.pipe.run(job.inputs.value, job.options, streamer=tap)
+            encode_json(result)  # NaN/infinity in the result: an error event rather than invalid JSON
+            job.push("end", StreamEnd(result, tap.tokens, tap.finish_reason))
+        except (ClientGone, Cancelled):
             cancelled = True
         except (ValueError, TypeError) as e:
             job.push("end", RequestError(422, str(e)))
         except Exception as e:  # noqa: BLE001
-            log.exception("model %s: stream failed", self.name)
-            job.push("end", RequestError(500, f"generation failed: {type(e).__name__}: {e}"))
+            job.push("end", failure(self.name, e, "stream"))
         finally:
             if self.metrics is not None:
                 self.metrics.stream_ended(self.name, tap.tokens, cancelled)
@@ -267,6 +279,7 @@ def length_buckets(lengths: list, pad_budget: float = 0.25) -> list[list[int]]:
 class StreamEnd:
     result: object        # what the pipeline call returned
     new_tokens: int       # tokens generated
+    finish_reason: str = "stop"   # "length": cut by max_new_tokens / max_length or the context window
 
 
 class _StreamTap:
@@ -278,6 +291,7 @@ class _StreamTap:
 
         self.job = job
         self.tokens = 0
+        self.finish_reason = "stop"
         self.text = TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
                                  skip_special_tokens=job.options.given.get("skip_special_tokens", True))
 
@@ -291,10 +305,28 @@ class _StreamTap:
         if not self.job.cancelled:
             self.text.end()
 
+    def on_finish(self, reason: str) -> None:
+        self.finish_reason = reason
+
 
 def encode_json(result) -> bytes:
-    """Compact UTF-8 JSON; numpy arrays and scalars become lists and numbers."""
-    return json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=_np_default).encode("utf-8")
+    """Compact UTF-8 JSON; numpy arrays and scalars become lists and numbers. NaN and infinity are not JSON: a
+    result holding them (a broken model) is a ModelOutputError, never a body a client cannot parse."""
+    try:
+        text = json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=_np_default, allow_nan=False)
+    except ValueError:
+        raise ModelOutputError("the model's output holds NaN or infinite values: its weights or export are broken "
+                               "(export it again, and check the checkpoint)") from None
+    return text.encode("utf-8")
+
+
+def failure(name: str, e: Exception, what: str) -> RequestError:
+    """A 500 for a fault that is not the client's: the model's own (said as it is) or an unexpected one (logged)."""
+    if isinstance(e, (ModelOutputError, ModelRunError)):
+        log.error("model %s: %s", name, e)
+        return RequestError(500, f"model {name!r}: {e}")
+    log.exception("model %s: %s failed", name, what)
+    return RequestError(500, f"inference failed: {type(e).__name__}: {str(e)[:300]}")
 
 
 def _np_default(o):

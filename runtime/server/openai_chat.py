@@ -27,10 +27,10 @@ class ChatCompletions:
         return await self.exchange.handle(request, "/v1/chat/completions", None, self._complete)
 
     async def _complete(self, request, body: dict):
-        return await chat_completion(self.exchange, body)
+        return await chat_completion(self.exchange, request, body)
 
 
-async def chat_completion(exchange: Exchange, body: dict):
+async def chat_completion(exchange: Exchange, request, body: dict):
     pool = exchange.pool
     name = body.get("model")
     if not isinstance(name, str):
@@ -48,7 +48,7 @@ async def chat_completion(exchange: Exchange, body: dict):
     if not isinstance(messages, list) or not messages:
         raise RequestError(422, "'messages' must be a non-empty list of {'role': str, 'content': str} objects")
     options = exchange.check_parameters(worker, pipeline_parameters(body))
-    inputs = exchange.check_inputs(worker, messages, options, where="messages")
+    inputs = await exchange.check_inputs(worker, messages, options, where="messages")
     if inputs.is_list:
         raise RequestError(422, "'messages' must be one chat: a list of {'role': str, 'content': str} objects")
     stream = body.get("stream", False)
@@ -56,10 +56,9 @@ async def chat_completion(exchange: Exchange, body: dict):
         raise RequestError(422, "'stream' must be true or false")
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    max_new = worker.pipe.max_new_tokens(options)
 
-    def finish_reason(end) -> str:
-        return "length" if max_new is not None and end.new_tokens >= max_new else "stop"
+    def finish_reason(end) -> str:  # "length" when cut by max_tokens or the context window, else "stop"
+        return end.finish_reason
 
     def chunk(delta: dict, reason=None) -> dict:
         return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -76,7 +75,7 @@ async def chat_completion(exchange: Exchange, body: dict):
 
         return exchange.stream(worker, inputs, options, render, lambda end: [sse(chunk({}, finish_reason(end)))])
 
-    end = await exchange.collect(worker, inputs, options)
+    end = await exchange.collect(request, worker, inputs, options)
     message = end.result[0]["generated_text"][-1]
     return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created, "model": name,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": message["content"]},

@@ -41,7 +41,7 @@ class NativeRoutes:
             raise RequestError(422, f"unknown field(s) {', '.join(unknown)}: the body takes 'inputs', "
                                     "'parameters' and 'stream'")
         options = exchange.check_parameters(worker, body.get("parameters"))
-        inputs = exchange.check_inputs(worker, body.get("inputs"), options)
+        inputs = await exchange.check_inputs(worker, body.get("inputs"), options)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError(422, f"'stream' must be true or false, got {json.dumps(stream)}")

@@ -11,7 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..base import CallOptions, Pipeline, check_batch_size
+from .. import cancel
+from ..base import CallOptions, Pipeline, check_batch_size, check_bool
 from ..tokenizer import to_numpy
 
 TOKENIZER_KWARGS = ("truncation", "max_length", "padding", "add_special_tokens")
@@ -119,6 +120,8 @@ def check_tokenizer_kwargs(kwargs: dict, owner: str) -> dict:
         raise ValueError(f"padding={kwargs['padding']!r} is not understood: use one of {_PADDING}")
     if kwargs.get("max_length") is not None:
         check_positive_int(kwargs["max_length"], "max_length")
+    if "add_special_tokens" in kwargs:
+        check_bool(kwargs["add_special_tokens"], "add_special_tokens")
     return dict(kwargs)
 
 
@@ -130,7 +133,12 @@ def encode(tokenizer, text: str, pair: str | None = None, *, truncation=None, ma
     model's max length): transformers would hand such an input to the model and fail on the
     position embeddings. truncation=False with such an input is a ValueError instead.
     """
-    limit = max_length if max_length is not None else tokenizer.model_max_length
+    longest = tokenizer.model_max_length
+    if max_length is not None and longest is not None and max_length > longest:
+        # past the model's positions the graph fails (position embeddings), or pads to a huge batch
+        raise ValueError(f"max_length={max_length} is more than this model's {longest} positions: pass at most "
+                         f"{longest}")
+    limit = max_length if max_length is not None else longest
     if truncation == "do_not_truncate":
         truncation = False
     if truncation is None:
@@ -138,7 +146,6 @@ def encode(tokenizer, text: str, pair: str | None = None, *, truncation=None, ma
     padding = False if padding == "do_not_pad" else padding
     encs = tokenizer.encode_batch([text], None if pair is None else [pair], truncation=truncation, max_length=limit,
                                   padding=padding, add_special_tokens=add_special_tokens)
-    longest = tokenizer.model_max_length
     if not truncation and longest is not None and len(encs[0].ids) > longest:
         raise ValueError(f"the input is {len(encs[0].ids)} tokens long and the model takes at most {longest}: "
                          "pass truncation=True (or leave truncation unset) to cut it")
@@ -188,6 +195,7 @@ def run_batched(items: list[dict], batch_size: int, forward: Callable[[dict], di
     pad = pad or {}
     results: list[dict] = []
     for start in range(0, len(items), batch_size):
+        cancel.check()  # a caller that has gone stops the call here, between batches
         chunk = items[start:start + batch_size]
         array_keys = [k for k, v in chunk[0].items() if isinstance(v, np.ndarray)]
         if len(chunk) == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..base import CallOptions, Pipeline
+from ..base import CallOptions, GenerationWork, Pipeline
 
 # forward options that go to generate() beside the plan rather than into it
 _CALL_KEYS = ("seed", "streamer")
@@ -24,6 +24,7 @@ class GeneratingPipeline(Pipeline):
         plan = self.generator.prepare(self.generation_config, type(self).__name__, **generate_kwargs)
         return replace(options, forward={"plan": plan, **extra})
 
-    def max_new_tokens(self, options: CallOptions) -> int | None:
-        """The most new tokens a call with these options generates (None: bounded by max_length alone)."""
-        return options.forward["plan"].config.max_new_tokens
+    def generation_work(self, options: CallOptions) -> GenerationWork:
+        config = options.forward["plan"].config
+        new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+        return GenerationWork(config.num_beams, config.num_return_sequences, new_tokens)

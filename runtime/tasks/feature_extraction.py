@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..base import check_bool
 from ._common import EncoderPipeline, check_choice, check_positive_int, check_texts, check_tokenizer_kwargs, encode
 
 POOLING = ("mean", "cls", "max", "mean_sqrt_len", "last")
@@ -47,7 +48,7 @@ class FeatureExtractionPipeline(EncoderPipeline):
             tokenize_kwargs = {**tokenize_kwargs, "truncation": truncation}
         postprocess_params = {}
         if return_tensors is not None:
-            postprocess_params["return_tensors"] = return_tensors
+            postprocess_params["return_tensors"] = check_bool(return_tensors, "return_tensors")
         return check_tokenizer_kwargs(tokenize_kwargs, "tokenize_kwargs"), {}, postprocess_params
 
     def preprocess(self, inputs, **tokenize_kwargs) -> dict[str, np.ndarray]:
@@ -86,7 +87,7 @@ class SentenceEmbeddingPipeline(EncoderPipeline):
         if pooling is not None:
             post["pooling"] = check_choice(pooling, POOLING, "pooling")
         if normalize is not None:
-            post["normalize"] = bool(normalize)
+            post["normalize"] = check_bool(normalize, "normalize")
         return pre, {}, post
 
     @property

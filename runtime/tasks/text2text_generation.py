@@ -13,6 +13,7 @@ import enum
 
 import numpy as np
 
+from ..base import check_bool
 from ._generating import GeneratingPipeline
 from ..generation import Generator
 
@@ -62,6 +63,10 @@ class Text2TextGenerationPipeline(GeneratingPipeline):
                              clean_up_tokenization_spaces=None, truncation=None, stop_sequence=None, seed=None,
                              src_lang=None, tgt_lang=None, **generate_kwargs):
         pre, fwd, post = {}, dict(generate_kwargs), {}
+        for name, value in (("return_tensors", return_tensors), ("return_text", return_text),
+                            ("clean_up_tokenization_spaces", clean_up_tokenization_spaces)):
+            if value is not None:
+                check_bool(value, name)
         if truncation is not None:
             pre["truncation"] = truncation
         if stop_sequence is not None:

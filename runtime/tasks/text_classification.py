@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+from ..base import check_bool
 from ._common import EncoderPipeline, check_choice, check_positive_int, check_tokenizer_kwargs, encode, sigmoid, softmax
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
@@ -67,6 +68,7 @@ class TextClassificationPipeline(EncoderPipeline):
         elif not (isinstance(top_k, str) and top_k == ""):
             raise TypeError(f"top_k must be a positive integer or None (all labels), got {type(top_k).__name__}")
         elif return_all_scores is not None:
+            check_bool(return_all_scores, "return_all_scores")
             warnings.warn("`return_all_scores` is now deprecated,  if want a similar functionality use `top_k=None` "
                           "instead of `return_all_scores=True` or `top_k=1` instead of `return_all_scores=False`.",
                           UserWarning, stacklevel=4)

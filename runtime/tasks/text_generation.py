@@ -21,6 +21,7 @@ import numpy as np
 from ..chat_template import check_messages, render_chat_template
 from ..generation import Generator, TextIteratorStreamer, TextStreamer
 from ..generation.streamer import StreamCancelled
+from ..base import check_bool
 from ._generating import GeneratingPipeline
 
 
@@ -126,6 +127,12 @@ class TextGenerationPipeline(GeneratingPipeline):
                              skip_special_tokens=None, add_special_tokens=None, seed=None, streamer=None,
                              **generate_kwargs):
         pre, fwd, post = {}, dict(generate_kwargs), {}
+        for name, value in (("return_full_text", return_full_text), ("return_tensors", return_tensors),
+                            ("return_text", return_text), ("clean_up_tokenization_spaces", clean_up_tokenization_spaces),
+                            ("continue_final_message", continue_final_message),
+                            ("skip_special_tokens", skip_special_tokens), ("add_special_tokens", add_special_tokens)):
+            if value is not None:
+                check_bool(value, name)
         if add_special_tokens is not None:
             pre["add_special_tokens"] = add_special_tokens
         if truncation is not None:
