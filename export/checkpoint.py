@@ -18,6 +18,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", 
 class CheckpointSource:
     path: Path
     gguf_file: str | None = None
+    hub: dict | None = None   # {"repo_id", "revision", "commit"}: downloaded from the Hugging Face Hub
 
 
 def inspect_checkpoint(checkpoint) -> CheckpointSource:
@@ -43,11 +44,11 @@ def inspect_checkpoint(checkpoint) -> CheckpointSource:
     return CheckpointSource(path)
 
 
-def load_config(path: Path):
+def load_config(path: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ExportError(f"cannot read config.json in {path}: {_first_line(e)}") from None
 
@@ -75,11 +76,12 @@ def check_task_supported(config, task: str) -> None:
 
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True,
+                                            trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ExportError(f"cannot load the tokenizer in {path}: {_first_line(e)}") from None
     if not tok.is_fast:
@@ -105,14 +107,15 @@ def model_class(task: str):
     return getattr(transformers, MODEL_CLASSES[task])
 
 
-def load_model(path: Path, task: str):
+def load_model(path: Path, task: str, trust_remote_code: bool = False):
     import torch
 
     cls = model_class(task)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            model = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                        trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ExportError(f"cannot load {path} as {cls.__name__} for {task}: {_first_line(e)}") from None
     model.eval()

@@ -18,7 +18,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from onnxpipe.task_table import EXPORT_TASKS, export_task
+from onnxpipe.folder_install import install_folder
+from onnxpipe.hub import is_repo_id
+from onnxpipe.task_table import EXPORT_TASKS, export_task, task_for_architectures
 
 from .errors import ExportError
 from . import checkpoint as ckpt_mod
@@ -76,8 +78,18 @@ def export_model(
     rtol: float = 1e-4,
     validate: bool = True,
     overwrite: bool = True,
+    revision: str | None = None,
+    token=None,
+    trust_remote_code: bool = False,
+    hub_source: dict | None = None,
 ) -> Path:
     """Export `checkpoint` for `task` into the model folder `out` and return its path.
+
+    checkpoint: a folder, or a Hugging Face Hub id ("ORG/NAME") downloaded with huggingface_hub (the `hub` extra) at
+    `revision` (default main) with `token` (default: HF_TOKEN or `hf auth login`'s): config, safetensors weights
+    (PyTorch .bin where there are none) and tokenizer files only. trust_remote_code: let transformers run a
+    checkpoint's own model code (refused unless True). hub_source: {"repo_id", "revision", "commit"} of a folder
+    already downloaded, recorded in the manifest's source.
 
     Raises ExportError (a ValueError) with a one-line message on bad input or a
     failed validation; nothing is left at `out` in that case.
@@ -90,8 +102,17 @@ def export_model(
         raise ExportError(f"--weight-type {weight_type!r} is not supported: use one of {', '.join(WEIGHT_TYPES)}")
     if int8_method not in INT8_METHODS:
         raise ExportError(f"--int8-method {int8_method!r} is not supported: use one of {', '.join(INT8_METHODS)}")
-    source = ckpt_mod.inspect_checkpoint(checkpoint)
     _check_out_dir(out, overwrite)
+    if isinstance(checkpoint, str) and is_repo_id(checkpoint):
+        from onnxpipe.hub import HubError, download_checkpoint
+
+        try:
+            checkpoint, hub_source = download_checkpoint(checkpoint, revision=revision, token=token,
+                                                         trust_remote_code=trust_remote_code)
+        except HubError as e:
+            raise ExportError(str(e)) from None
+    source = ckpt_mod.inspect_checkpoint(checkpoint)
+    source.hub = hub_source
 
     import torch  # heavy imports only after the cheap checks
 
@@ -100,11 +121,11 @@ def export_model(
         if source.gguf_file:
             log.info("converting GGUF %s to a transformers checkpoint", source.gguf_file)
             hf_dir = ckpt_mod.gguf_to_hf(source.path, source.gguf_file, Path(scratch) / "hf")
-        config = ckpt_mod.load_config(hf_dir)
+        config = ckpt_mod.load_config(hf_dir, trust_remote_code)
         task = resolve_task(task, config)
         ckpt_mod.check_task_supported(config, task)
-        tokenizer = ckpt_mod.load_tokenizer(hf_dir)
-        model = ckpt_mod.load_model(hf_dir, task)
+        tokenizer = ckpt_mod.load_tokenizer(hf_dir, trust_remote_code)
+        model = ckpt_mod.load_model(hf_dir, task, trust_remote_code)
 
         tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
         try:
@@ -162,7 +183,7 @@ def export_model(
             write_manifest(tmp_out, task=task, config=config, tokenizer=tokenizer, model=model, roles=roles,
                            validation=validation, optimization=optimization, quantization=quantization,
                            source=source, hf_dir=hf_dir, graph_edits=graph_edits)
-            _install(tmp_out, out)
+            install_folder(tmp_out, out)
         except BaseException:
             shutil.rmtree(tmp_out, ignore_errors=True)
             raise
@@ -196,23 +217,11 @@ def resolve_task(task: str, config) -> str:
 
 def infer_task(config) -> str:
     archs = list(getattr(config, "architectures", None) or [])
-    for arch in archs:
-        for suffix, task in (
-            ("ForSequenceClassification", "text-classification"),
-            ("ForTokenClassification", "token-classification"),
-            ("ForQuestionAnswering", "question-answering"),
-            ("ForMaskedLM", "fill-mask"),
-            ("ForCausalLM", "text-generation"),
-            ("LMHeadModel", "text-generation"),
-        ):
-            if arch.endswith(suffix):
-                return task
-        if arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
-            return "text2text-generation"
-        if arch.endswith("Model"):
-            return "feature-extraction"
-    raise ExportError(f"cannot infer the task from architectures {archs or 'None'} in config.json: "
-                      f"pass --task (one of {', '.join(TASKS)})")
+    task = task_for_architectures(archs, bool(getattr(config, "is_encoder_decoder", False)))
+    if task is None:
+        raise ExportError(f"cannot infer the task from architectures {archs or 'None'} in config.json: "
+                          f"pass --task (one of {', '.join(TASKS)})")
+    return task
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -232,22 +241,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot create the output folder's parent {parent}: {e.strerror}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"output folder {out} is not writable (no write permission on {parent}): choose another --out")
-
-
-def _install(tmp_out: Path, out: Path) -> None:
-    """Move the finished folder into place; the manifest was written last, so a half-copied folder has none."""
-    os.chmod(tmp_out, 0o755)  # mkdtemp makes it 0700
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        try:
-            os.replace(tmp_out, out)
-        except BaseException:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_out, out)
 
 
 def _export_onnx(model, task: str, out: Path, opset: int | None) -> dict[str, str]:

@@ -226,9 +226,11 @@ def _keys_rotated_by_index(path) -> bool:
 
 def _kv_cache(model, task, out_dir, roles) -> dict:
     """The kv_cache section the manifest will have (shared_buffer off: the steppers feed the cache back)."""
+    from onnxpipe.manifest_fields import kv_cache_section
+
     from . import manifest
 
-    return manifest._kv_cache(task, {role: manifest._graph_io(out_dir / f) for role, f in roles.items()}, model.config)
+    return kv_cache_section(task, {role: manifest._graph_io(out_dir / f) for role, f in roles.items()})
 
 
 def _session(path):

@@ -13,19 +13,27 @@ from pathlib import Path
 
 from .cache import check_built, folder_bytes, model_path, read_built_manifest
 from .default_models import DefaultModel, Registry, load_registry
+from .hub_defaults import hub_default_dir, wants_transformers_defaults
 
 __all__ = ["default_model_dir", "list_models_table", "build_defaults", "model_status", "load_registry",
            "DefaultModel", "Registry"]
 
 
-def default_model_dir(task: str, *, build: bool = True, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of `task`'s default model, building it first when it is missing, stale or corrupt.
+def default_model_dir(task: str, *, build: bool = True, cache_dir: str | os.PathLike | None = None,
+                      precision: str = "fp32") -> Path:
+    """The folder of `task`'s default model: the built-in one, built first when it is missing, stale or corrupt;
+    where the task has none (or for every task with ONNXPIPE_DEFAULTS=transformers), transformers' own default from
+    the Hugging Face Hub (hub_defaults.py; `precision` picks the ONNX files it takes).
 
-    Raises ValueError for a task with no default (saying why and how to export a model for it).
+    Raises ValueError for a task with no default within reach (saying why and what would make it work).
     """
     from onnxpipe.task_table import normalize_task
 
-    model = load_registry().for_task(normalize_task(task))
+    registry = load_registry()
+    task = normalize_task(task)
+    if task in registry.transformers_defaults and (wants_transformers_defaults() or not registry.has_builtin(task)):
+        return hub_default_dir(registry, task, precision)
+    model = registry.for_task(task)
     path = model_path(model, cache_dir)
     problem = check_built(model, path)
     if problem is None:
@@ -85,6 +93,12 @@ def list_models_table(cache_dir: str | os.PathLike | None = None) -> str:
     lines += ["", "Tasks with no built-in default (pass model= a folder from `onnxpipe export`):"]
     width = max(len(t) for t in registry.no_default)
     lines += [f"  {task.ljust(width)}  {why}" for task, why in registry.no_default.items()]
+    lines += ["", "transformers' own defaults, from the Hugging Face Hub where it is reachable (for the tasks above, or for "
+              "every task with ONNXPIPE_DEFAULTS=transformers):"]
+    width = max(len(t) for t in registry.transformers_defaults)
+    lines += [f"  {task.ljust(width)}  {d.model} (revision {d.revision}): "
+              f"{f'as the ONNX export {d.onnx_model}' if d.onnx_model else 'exported on first use (export extra)'}"
+              for task, d in registry.transformers_defaults.items()]
     return "\n".join(lines)
 
 

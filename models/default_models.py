@@ -47,9 +47,25 @@ class DefaultModel:
 
 
 @dataclass(frozen=True)
+class HubDefault:
+    """transformers' own default checkpoint for a task (id and revision as transformers pins them), and a ready-made
+    ONNX export of the same weights where the registry names one."""
+
+    task: str
+    model: str
+    revision: str
+    onnx_model: str | None = None
+    onnx_revision: str | None = None
+
+
+@dataclass(frozen=True)
 class Registry:
     models: dict[str, DefaultModel]
     no_default: dict[str, str]        # task -> why there is none
+    transformers_defaults: dict[str, HubDefault] = field(default_factory=dict)   # task -> transformers' default
+
+    def has_builtin(self, task: str) -> bool:
+        return any(task in model.tasks for model in self.models.values())
 
     def for_task(self, task: str) -> DefaultModel:
         """The default model for a normalized task name; a ValueError saying why when there is none."""
@@ -89,7 +105,10 @@ def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
             name=name, tasks=tuple(m["tasks"]), description=m.get("description", ""), licence=m.get("licence", ""),
             sources={role: dict(sources[key], id=key) for role, key in m["sources"].items()},
             recipe=m["recipe"], recipe_version=int(m.get("recipe_version", 1)))
-    return Registry(models=models, no_default=dict(raw.get("no_default", {})))
+    hub = {task: HubDefault(task, d["model"], d["revision"], (d.get("onnx") or {}).get("model"),
+                            (d.get("onnx") or {}).get("revision"))
+           for task, d in (raw.get("transformers_defaults") or {}).get("tasks", {}).items()}
+    return Registry(models=models, no_default=dict(raw.get("no_default", {})), transformers_defaults=hub)
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

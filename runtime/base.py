@@ -62,6 +62,7 @@ class RequestInputs:
     items: list                 # one entry per pipeline input
     is_list: bool               # the request sent a list (a batch) rather than one input
     lengths: list | None = None  # tokens per item where measured (front ends group similar lengths)
+    tokens: int | None = None    # tokens in all the items' texts, where counted (a front end's budget, usage)
 
     @property
     def value(self):
@@ -230,6 +231,10 @@ class Pipeline:
             return list(results)
         (result,) = results
         return result
+
+    def embedding_pipeline(self) -> "Pipeline | None":
+        """A pipeline over the same model that gives one vector per text (what /v1/embeddings serves), or None."""
+        return None
 
     @property
     def chats(self) -> bool:

@@ -14,7 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("export", help="export a transformers checkpoint to a verified onnxpipe model folder")
-    ex.add_argument("checkpoint", help="folder with config.json, weights and tokenizer files (or one .gguf file)")
+    ex.add_argument("checkpoint", help="folder with config.json, weights and tokenizer files (or one .gguf file), or a "
+                    "Hugging Face Hub id ORG/NAME (downloaded with huggingface_hub: HF_TOKEN, HF_HUB_CACHE, "
+                    "HF_HUB_OFFLINE, HF_ENDPOINT apply)")
+    ex.add_argument("--revision", default=None, help="Hub id only: branch, tag or commit (default: main)")
+    ex.add_argument("--trust-remote-code", action="store_true",
+                    help="let transformers run the checkpoint's own model code (refused otherwise)")
     ex.add_argument("--task", default="auto", help=f"{', '.join(EXPORT_TASKS)} (or a pipeline task or alias that "
                     "runs on one of them), or auto (default: from the checkpoint's architectures)")
     ex.add_argument("--out", required=True, help="model folder to write")
@@ -43,11 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a task on texts and print JSON")
     run.add_argument("task", help=", ".join(task_names()))
     run.add_argument("texts", nargs="+")
-    run.add_argument("--model", default=None, help="model folder (default: the task's built-in default)")
+    run.add_argument("--model", default=None, help="model folder or Hub id ORG/NAME (default: the task's default)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                      help="pipeline option, value parsed as JSON when it can be (e.g. -o top_k=3)")
+
+    im = sub.add_parser("import", help="make a ready-made ONNX export (Optimum's or transformers.js's layout) an "
+                        "onnxpipe model folder, without torch")
+    im.add_argument("source", help="folder holding config.json, tokenizer.json and model.onnx (or onnx/model*.onnx), "
+                    "or a Hugging Face Hub id ORG/NAME of such a repo")
+    im.add_argument("--out", required=True, help="model folder to write (the source folder itself: only its "
+                    "onnxpipe.json is written)")
+    im.add_argument("--task", default=None, help="the task, where the graph alone cannot tell (default: from the graph "
+                    "and config.json's architectures)")
+    im.add_argument("--precision", default=None, metavar="fp32,int8,int4",
+                    help="the precisions to take (default: all the export has; int8 is model_quantized.onnx)")
+    im.add_argument("--revision", default=None, help="Hub id only: branch, tag or commit (default: main)")
 
     sub.add_parser("models", help="list the built-in default models")
     bd = sub.add_parser("build", help="build built-in default models")
@@ -55,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sv = sub.add_parser("serve", help="serve model folders over HTTP")
     sv.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR[@TASK]",
-                    help="model folder to serve (repeatable); its name defaults to the folder's name, its task "
-                         "to the manifest's (@sentence-similarity serves a feature-extraction export's embeddings)")
+                    help="model folder to serve (repeatable), or a Hub id ORG/NAME (fetched as pipeline(model=...) "
+                         "fetches it); its name defaults to the folder's (the repo's) name, its task to the manifest's "
+                         "(@sentence-similarity serves a feature-extraction export's embeddings)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
@@ -65,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return {"export": _export, "run": _run, "models": _models, "build": _build, "serve": _serve}[args.command](args)
+        return {"export": _export, "import": _import, "run": _run, "models": _models, "build": _build,
+                "serve": _serve}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"onnxpipe {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -76,7 +95,8 @@ def _export(args) -> int:
         from onnxpipe.export import export_model
     except ImportError as e:
         raise ValueError(f"export needs the export extra ({e.name} is missing): pip install 'onnxpipe[export]'") from None
-    out = export_model(args.checkpoint, args.out, args.task, quantize=args.quantize, weight_type=args.weight_type,
+    out = export_model(args.checkpoint, args.out, args.task, revision=args.revision,
+                       trust_remote_code=args.trust_remote_code, quantize=args.quantize, weight_type=args.weight_type,
                        per_channel=args.per_channel, reduce_range=args.reduce_range, int8_method=args.int8_method,
                        optimize=args.optimize, attention=args.attention,
                        opset=args.opset, atol=args.atol, rtol=args.rtol, validate=not args.no_validate)
@@ -85,6 +105,23 @@ def _export(args) -> int:
     worst = max((r["max_abs_diff"] for r in v["results"]), default=0.0)
     print(f"exported {manifest['task']} ({manifest['architecture']}) to {out}: validation "
           f"{'passed' if v['passed'] else 'skipped'} (max abs diff {worst:.2g})")
+    return 0
+
+
+def _import(args) -> int:
+    from pathlib import Path
+
+    from onnxpipe.hub import import_repo, is_repo_id
+    from onnxpipe.onnx_import import import_onnx_folder
+
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()] if args.precision else None
+    if is_repo_id(args.source):
+        out = import_repo(args.source, args.out, task=args.task, precisions=precisions, revision=args.revision)
+    else:
+        out = import_onnx_folder(Path(args.source), args.out, task=args.task, precisions=precisions)
+    manifest = json.loads((Path(out) / "onnxpipe.json").read_text())
+    precisions = ", ".join(next(iter(manifest["files"].values())))
+    print(f"imported {manifest['task']} ({manifest['architecture']}; {precisions}) to {out}")
     return 0
 
 
@@ -162,7 +199,11 @@ def _serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"serve needs the server extra ({e.name} is missing): pip install 'onnxpipe[server]'") from None
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
-    serve(args.model, host=args.host, port=args.port, access_log=args.access_log, **options)
+    from onnxpipe.hub import resolve_serve_specs
+
+    # Hub ids become local folders here: the server reads model folders only
+    models = resolve_serve_specs(args.model, precision=getattr(args, "precision", None) or "fp32")
+    serve(models, host=args.host, port=args.port, access_log=args.access_log, **options)
     return 0
 
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 import importlib
 import os
 
+from .hub import is_repo_id, resolve_model
 from .session import SessionConfig
 from .task_table import SUPPORTED_TASKS, normalize_task
 
 
 def pipeline(task: str | None = None, model=None, *, device=None, precision: str = "fp32",
              intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
-             session_options=None, session_cache=None, session_config: SessionConfig | None = None, **kwargs):
+             session_options=None, session_cache=None, session_config: SessionConfig | None = None,
+             revision: str | None = None, token=None, trust_remote_code: bool = False, **kwargs):
     """Build a pipeline for `task` from an exported model folder, like `transformers.pipeline`.
 
-    model: a folder written by `onnxpipe export` (or a loaded ModelDir); None takes the task's
-    built-in default (built on first use). device: 'cpu' (default), 'cuda' or 'cuda:N'.
+    model: a folder written by `onnxpipe export` (or a loaded ModelDir), or a Hugging Face Hub id ("ORG/NAME", at
+    `revision`, read with `token`; needs the `hub` extra): an onnxpipe repo is loaded as it is, a ready-made ONNX repo
+    (Optimum's or transformers.js's layout) is imported without torch, a PyTorch checkpoint is exported on first use
+    (the `export` extra; trust_remote_code=True to run its own code); all cached (see onnxpipe.hub). None takes the
+    task's default (see onnxpipe.models.default_model_dir). device: 'cpu' (default), 'cuda' or 'cuda:N'.
     precision: 'fp32' or 'int8' (needs an export with --quantize int8).
     session_cache: where CPU sessions keep the graph as ONNX Runtime optimized it for this CPU, weights
     pre-packed, so later loads skip both (faster cold start; see Session). None (default): $ONNXPIPE_SESSION_CACHE
@@ -28,7 +33,10 @@ def pipeline(task: str | None = None, model=None, *, device=None, precision: str
     if model is None:
         from onnxpipe.models import default_model_dir
 
-        model = default_model_dir(normalize_task(task))
+        model = default_model_dir(normalize_task(task), precision=precision)
+    elif is_repo_id(model):
+        model = resolve_model(model, task=task, revision=revision, token=token, precision=precision,
+                              trust_remote_code=trust_remote_code)
     if not isinstance(model, ModelDir):
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"model must be a model dir path or a ModelDir, got {type(model).__name__}")

@@ -37,7 +37,7 @@ class ModelDir:
         self.session_config = SessionConfig.of(session_config, device=device, intra_op_num_threads=intra_op_num_threads,
                                                inter_op_num_threads=inter_op_num_threads,
                                                session_options=session_options, session_cache=session_cache)
-        self.tokenizer = Tokenizer(self.path / self.manifest["tokenizer"].get("file", "tokenizer.json"),
+        self.tokenizer = Tokenizer(self.path / (self.manifest["tokenizer"].get("file") or "tokenizer.json"),
                                    self.manifest["tokenizer"])
         self._sessions: dict[str, Session] = {}
 

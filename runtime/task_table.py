@@ -85,6 +85,33 @@ def export_task(task: str) -> str:
                          f"({', '.join(task_names())})") from None
 
 
+# transformers' head class name endings -> the export task a checkpoint of that class is for (first match wins)
+ARCHITECTURE_SUFFIXES = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+)
+
+
+def task_for_architectures(architectures, is_encoder_decoder: bool) -> str | None:
+    """config.json's `architectures` -> the export task its head is for, or None when no name says.
+
+    The exporter (a transformers config) and the importer of ready-made ONNX repos (config.json read as JSON)
+    both read it, so a checkpoint and its ONNX export get the same task."""
+    for arch in architectures or ():
+        for suffix, task in ARCHITECTURE_SUFFIXES:
+            if arch.endswith(suffix):
+                return task
+        if arch.endswith("ForConditionalGeneration") and is_encoder_decoder:
+            return "text2text-generation"
+        if arch.endswith("Model"):
+            return "feature-extraction"
+    return None
+
+
 def task_names() -> list[str]:
     """Every name `pipeline()` takes, sorted."""
     return sorted(set(SUPPORTED_TASKS) | set(TASK_ALIASES))

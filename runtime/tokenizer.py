@@ -29,17 +29,18 @@ class Tokenizer:
         self._lock = threading.Lock()
         self._counter = None  # count_tokens' own tokenizer, made on first use
         self.info = info
-        ids = info.get("special_token_ids", {})
-        toks = info.get("special_tokens", {})
+        # a null field reads as an absent one (manifest_checks lets either through)
+        ids = info.get("special_token_ids") or {}
+        toks = info.get("special_tokens") or {}
         for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
             setattr(self, f"{name}_token", toks.get(f"{name}_token"))
             setattr(self, f"{name}_token_id", ids.get(f"{name}_token_id"))
-        self.all_special_ids = set(info.get("all_special_ids", []))
+        self.all_special_ids = set(info.get("all_special_ids") or [])
         self.model_max_length = info.get("model_max_length")
-        self.padding_side = info.get("padding_side", "right")
-        self.truncation_side = info.get("truncation_side", "right")
+        self.padding_side = info.get("padding_side") or "right"
+        self.truncation_side = info.get("truncation_side") or "right"
         self.clean_up_tokenization_spaces = bool(info.get("clean_up_tokenization_spaces", False))
-        self.model_input_names = info.get("model_input_names", ["input_ids", "attention_mask"])
+        self.model_input_names = info.get("model_input_names") or ["input_ids", "attention_mask"]
 
     @property
     def backend(self):

@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # load models without it (hermetic, and nothing written outside the checkout); test_session.py covers the cache
 os.environ["ONNXPIPE_SESSION_CACHE"] = "off"
 CACHE = Path(os.environ.get("ONNXPIPE_TEST_CACHE", ROOT / ".cache" / "tests"))
+# No test reaches the Hugging Face Hub: pipeline(task) for a task without a built-in default would ask it for
+# transformers' default. Offline (set before huggingface_hub is imported), with caches of the tests' own; the Hub
+# tests (test_hub.py) serve their repos from 127.0.0.1 and turn this off for themselves.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_CACHE", str(CACHE / "hf-hub-cache"))
+os.environ.setdefault("ONNXPIPE_HUB_CACHE", str(CACHE / "onnxpipe-hub-cache"))
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 ENCODER_ARCHS = ("bert", "distilbert", "roberta")
 DECODER_ARCHS = ("gpt2", "llama")
 SEQ2SEQ_ARCHS = ("t5", "bart")

@@ -15,7 +15,7 @@ import transformers
 
 from onnxpipe.export import ExportError, export_model
 from onnxpipe.export.checkpoint import model_class
-from onnxpipe.export.manifest import sha256_file
+from onnxpipe.models.sources import sha256_file
 from onnxpipe.export.tiny import TASKS_BY_ARCH
 
 from conftest import real_export, tiny_checkpoint, tiny_export

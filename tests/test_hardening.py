@@ -270,7 +270,7 @@ def test_client_input_gets_a_json_4xx(server, model, request_kw, status, message
 def test_chat_messages_that_are_not_a_chat_get_422(server):
     r = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
                    json={"model": "chat", "messages": ["hello", "there"], "max_tokens": 3})
-    assert r.status_code == 422 and "one chat" in r.json()["error"], r.text
+    assert r.status_code == 422 and "one chat" in r.json()["error"]["message"], r.text
 
 
 TEMPLATES = {
@@ -294,7 +294,7 @@ def test_a_broken_chat_template_is_422_naming_its_message(dirs, tmp_path):
                 if stream:  # the error comes as an event of the stream
                     assert r.status_code == 200 and message in text and '"error"' in text, text
                 else:
-                    assert r.status_code == 422 and message in r.json()["error"], text
+                    assert r.status_code == 422 and message in r.json()["error"]["message"], text
         assert "Traceback" not in srv.log()
     finally:
         assert srv.stop() in GRACEFUL_EXIT

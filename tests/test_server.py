@@ -172,7 +172,7 @@ def test_concurrent_requests_run_as_one_batch_and_each_gets_its_own_answer(serve
 def test_health_ready_and_model_list(server, clf_dir):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(server.url + "/ready").json() == {"status": "ready", "models": {"sst": "text-classification"}}
-    (model,) = httpx.get(server.url + "/v1/models").json()["models"]
+    (model,) = httpx.get(server.url + "/v1/models").json()["data"]
     manifest = json.loads((Path(clf_dir) / "onnxpipe.json").read_text())
     assert model["name"] == "sst" and model["task"] == "text-classification"
     assert model["max_input_tokens"] == min(manifest["tokenizer"]["model_max_length"], manifest["max_positions"])
@@ -317,7 +317,7 @@ def test_serve_loads_a_large_model_from_the_session_cache_on_its_second_start(tm
     for start in range(2):
         server = ServerProcess([f"minilm={folder}@sentence-similarity"], tmp_path, env=env)
         try:
-            (model,) = httpx.get(server.url + "/v1/models").json()["models"]
+            (model,) = httpx.get(server.url + "/v1/models").json()["data"]
             states.append(model["session_cache"])
             r = httpx.post(f"{server.url}/v1/models/minilm", json={"inputs": ["a text", "another"]}, timeout=30)
             assert r.status_code == 200 and len(r.json()) == 2

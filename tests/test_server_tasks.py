@@ -196,7 +196,7 @@ CHAT_ERRORS = {
 def test_bad_chat_request_gets_a_clear_4xx(server, body, status, message):
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == status, r.text
-    assert message in r.json()["error"]
+    assert message in r.json()["error"]["message"]  # OpenAI's error shape on the OpenAI routes
 
 
 def test_generation_longer_than_the_model_positions_is_refused(server, dirs):

@@ -87,6 +87,8 @@ class Generator:
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
         if attention_mask is None:
             attention_mask = _infer_attention_mask(input_ids, pad, eos)
+        if streamer is not None and hasattr(streamer, "on_prompt"):  # usage counts: the prompt's real tokens
+            streamer.on_prompt(int(attention_mask[0].sum()))
         expand = max(config.num_beams, config.num_return_sequences)
         if streamer is not None and (input_ids.shape[0] > 1 or expand > 1):
             raise ValueError("streaming needs a single prompt and a single sequence (num_beams=1, num_return_sequences=1)")

@@ -12,6 +12,11 @@ the search strategies:
 On CUDA (Session.device == "cuda") the cache stays on the device through IO binding: each step
 binds the previous run's `present.*` OrtValues as the next run's `past_key_values.*`.
 
+A merged decoder (`decoder_model_merged.onnx`, as older transformers.js repos ship them: one graph that holds both the
+first-step and the with-past decoder behind an If on a `use_cache_branch` input) is fed that flag, false for the first
+run and true after, with an empty cache (past length 0) for the first run, as transformers.js feeds it. Feeds a graph
+does not take are dropped by Session.run, so the other exports are fed as before.
+
 On CPU, an export whose manifest says kv_cache.shared_buffer (GroupQueryAttention, export/graph/shared_kv_buffer.py)
 keeps each cache tensor in one numpy buffer [batch, kv_heads, capacity, head_dim] bound as both its
 past and its present: the graph appends the new position in place instead of copying the whole cache
@@ -188,7 +193,7 @@ class DecoderStepper:
 
     def unfed_inputs(self) -> list[str]:
         """The graph's inputs this stepper has nothing to feed: it cannot drive an export that has any."""
-        fed = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", *self.past_names}
+        fed = {"input_ids", "attention_mask", "position_ids", "logits_to_keep", "use_cache_branch", *self.past_names}
         return [name for name in self.session.input_names if name not in fed]
 
     def reorder(self, beam_idx: np.ndarray) -> None:
@@ -203,7 +208,8 @@ class DecoderStepper:
         # logits_to_keep (when the export has it), 1 by default, skips the LM head for all but the last position
         # at prefill
         feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids,
-                 "logits_to_keep": np.array([self.logits_to_keep], dtype=np.int64)}
+                 "logits_to_keep": np.array([self.logits_to_keep], dtype=np.int64),
+                 "use_cache_branch": np.array([self.attention_mask.shape[1] > input_ids.shape[1]])}  # merged decoders
         if self.shared is not None:
             self.logits = self.shared.run(feeds)
             return np.array(self.logits[:, -1, :], dtype=np.float32)
@@ -221,6 +227,10 @@ class Seq2SeqStepper:
         past = list(kv_cache["past_names"])
         self.self_past = [n for n in past if ".encoder." not in n]
         self.cross_past = [n for n in past if ".encoder." in n]
+        self.dtype = np.dtype(kv_cache.get("dtype") or "float32")
+        self.heads = {"self": int(kv_cache["num_kv_heads"]),
+                      "cross": int(kv_cache.get("encoder_num_kv_heads") or kv_cache["num_kv_heads"])}
+        self.head_dim = int(kv_cache["head_dim"])
         self.step_input_lengths: list[int] = []
         self.cache: dict = {}
         self.encoder_hidden_states = None
@@ -239,28 +249,39 @@ class Seq2SeqStepper:
     def prefill(self, decoder_input_ids: np.ndarray) -> np.ndarray:
         self.step_input_lengths.append(int(decoder_input_ids.shape[1]))
         feeds = {"input_ids": decoder_input_ids.astype(np.int64), "encoder_attention_mask": self.encoder_attention_mask,
-                 "encoder_hidden_states": self.encoder_hidden_states}
+                 "encoder_hidden_states": self.encoder_hidden_states, "use_cache_branch": np.array([False])}
         outputs = [present_name(n) for n in self.self_past + self.cross_past]
-        logits, self.cache = self.decoder.run(feeds, {}, outputs)
+        logits, self.cache = self.decoder.run(feeds, self._empty_cache(decoder_input_ids.shape[0]), outputs)
         return np.array(logits[:, -1, :], dtype=np.float32)
 
     def step(self, next_tokens: np.ndarray) -> np.ndarray:
         batch = next_tokens.shape[0]
         self.step_input_lengths.append(1)
         feeds = {"input_ids": next_tokens.reshape(batch, 1).astype(np.int64),
-                 "encoder_attention_mask": self.encoder_attention_mask}
+                 "encoder_attention_mask": self.encoder_attention_mask,
+                 "encoder_hidden_states": self.encoder_hidden_states, "use_cache_branch": np.array([True])}  # merged
         cache_feeds = {n: self.cache[present_name(n)] for n in self.self_past + self.cross_past}
         outputs = [present_name(n) for n in self.self_past]
         logits, new_self = self.decoder_with_past.run(feeds, cache_feeds, outputs)
         self.cache.update(new_self)  # cross-attention K/V do not change after the first step
         return np.array(logits[:, -1, :], dtype=np.float32)
 
+    def _empty_cache(self, batch: int) -> dict:
+        """Past length 0 for the first decoder run: what a merged decoder's first-step branch is fed (and ignores);
+        none for a decoder_model.onnx, which takes no past."""
+        if self.self_past[0] not in self.decoder.session.input_names:
+            return {}
+        shape = {kind: (batch, heads, 0, self.head_dim) for kind, heads in self.heads.items()}
+        return {n: np.zeros(shape["cross" if n in self.cross_past else "self"], self.dtype)
+                for n in self.self_past + self.cross_past}
+
     def unfed_inputs(self) -> dict[str, list[str]]:
         """{role: the graph's inputs this stepper has nothing to feed}: it cannot drive an export that has any."""
         cache = {*self.self_past, *self.cross_past}
+        decoder = {"input_ids", "encoder_attention_mask", "encoder_hidden_states", "use_cache_branch"}
         fed = {"encoder": (self.encoder, {"input_ids", "attention_mask"}),
-               "decoder": (self.decoder.session, {"input_ids", "encoder_attention_mask", "encoder_hidden_states"}),
-               "decoder_with_past": (self.decoder_with_past.session, {"input_ids", "encoder_attention_mask", *cache})}
+               "decoder": (self.decoder.session, {*decoder, *cache}),
+               "decoder_with_past": (self.decoder_with_past.session, {*decoder, *cache})}
         return {role: [n for n in session.input_names if n not in names] for role, (session, names) in fed.items()}
 
     def reorder(self, beam_idx: np.ndarray) -> None:

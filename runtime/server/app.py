@@ -5,19 +5,24 @@ Routes (every error is JSON `{"error": "..."}` with a 4xx/5xx status):
     GET  /health                   liveness: 200 while the process serves HTTP
     GET  /ready                    200 once every model is loaded; 503 while loading or shutting down
     GET  /metrics                  Prometheus text format
-    GET  /v1/models                the loaded models: name, task, limits
+    GET  /v1/models                OpenAI's model list; each entry also has onnxpipe's details (task, limits)
     POST /v1/models/{name}         {"inputs": ..., "parameters": {...}, "stream": false}
                                    -> exactly what pipe(inputs, **parameters) returns, as JSON;
                                    "stream": true (text-generation) -> server-sent events
-    POST /v1/chat/completions      OpenAI-style chat for text-generation models with a chat template
+    POST /v1/chat/completions      OpenAI chat for text-generation models with a chat template
+    POST /v1/completions           OpenAI completions for text-generation models
+    POST /v1/embeddings            OpenAI embeddings for sentence-embedding (feature-extraction) models
+
+The OpenAI routes answer errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 
 The parts: pool.py holds the models (loading, readiness, a worker per model), batching.py the workers'
-queues and batches, exchange.py one request's way through them, routes.py and openai_chat.py the routes.
+queues and batches, exchange.py one request's way through them, routes.py and openai_*.py the routes.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -36,6 +41,9 @@ from .errors import RequestError
 from .exchange import Exchange
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_chat import ChatCompletions
+from .openai_common import list_models
+from .openai_completions import Completions
+from .openai_embeddings import Embeddings
 from .origins import OriginGuard
 from .pool import ModelPool, parse_model_specs
 from .routes import NativeRoutes
@@ -93,9 +101,11 @@ def create_app(models, config: ServerConfig | None = None) -> Starlette:
         Route("/health", lambda request: JSONResponse({"status": "ok"})),
         Route("/ready", native.ready),
         Route("/metrics", lambda request: Response(metrics.render(), media_type=CONTENT_TYPE)),
-        Route("/v1/models", native.list_models),
+        Route("/v1/models", functools.partial(list_models, exchange)),
         Route("/v1/models/{name}", native.predict, methods=["POST"]),
         Route("/v1/chat/completions", ChatCompletions(exchange).endpoint, methods=["POST"]),
+        Route("/v1/completions", Completions(exchange).endpoint, methods=["POST"]),
+        Route("/v1/embeddings", Embeddings(exchange).endpoint, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, RequestError: _request_error})

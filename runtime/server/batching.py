@@ -55,6 +55,8 @@ class Job:
     # stream jobs: ("piece", text) items, then ("end", StreamEnd | RequestError)
     pieces: asyncio.Queue | None = None
     cancelled: bool = False
+    pipe: object = None     # the pipeline to run, when not the worker's own (e.g. embeddings of a feature extractor)
+    render: object = None   # answer -> what to send instead (a route's own response shape), in the worker thread
 
     @property
     def size(self) -> int:
@@ -88,8 +90,6 @@ class ModelWorker:
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self.max_queue = max(1, int(max_queue))
         self.metrics = metrics
-        # Requests are combined only where the pipeline says results do not depend on their neighbours.
-        self.combines = pipe.joins_requests
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -151,7 +151,8 @@ class ModelWorker:
                 self._cond.wait()
             first = self._queue.popleft()
             batch, size = [first], first.size
-            if first.stream or not self.combines:
+            # Requests are combined only where the pipeline says results do not depend on their neighbours.
+            if first.stream or not self.pipe_of(first).joins_requests:
                 return batch
             # Wait for more only when requests are already queued behind this one: a request that
             # finds the worker idle runs at once (one client pays no batching delay), while under
@@ -161,7 +162,8 @@ class ModelWorker:
                 for job in list(self._queue):
                     if job.cancelled:
                         self._queue.remove(job)
-                    elif not job.stream and job.options.key == first.options.key and size + job.size <= self.max_batch_size:
+                    elif not job.stream and job.pipe is first.pipe and job.render is first.render and \
+                            job.options.key == first.options.key and size + job.size <= self.max_batch_size:
                         self._queue.remove(job)
                         batch.append(job)
                         size += job.size
@@ -182,14 +184,14 @@ class ModelWorker:
             return
         flat = [item for job in batch for item in job.inputs.items]
         lengths = [n for job in batch for n in (job.inputs.lengths or [None] * job.size)]
-        options = batch[0].options
+        options, pipe = batch[0].options, self.pipe_of(batch[0])
         results: list = [None] * len(flat)
         try:
             with cancel_when(lambda: all(j.cancelled for j in batch)):
                 for chunk in length_buckets(lengths):
                     items = [flat[i] for i in chunk]
-                    out = self.pipe.run(items, options, **self._batch_kw(len(items)))
-                    for i, result in zip(chunk, self.pipe.results_per_item(out, len(items))):
+                    out = pipe.run(items, options, **self._batch_kw(pipe, len(items)))
+                    for i, result in zip(chunk, pipe.results_per_item(out, len(items))):
                         results[i] = result
         except Cancelled:
             return  # every request of the batch has been answered already (timeout) or has gone
@@ -207,12 +209,13 @@ class ModelWorker:
         for job in batch:
             part = results[start:start + job.size]
             start += job.size
-            self._resolve(job, lambda: encode_json(self.pipe.answer(job.inputs, job.options, part)))
+            self._resolve(job, lambda: self._encode(job, pipe.answer(job.inputs, job.options, part)))
 
     def _run_alone(self, job: Job) -> None:
         """Exactly the in-process call `pipe(inputs, **parameters)`."""
-        self._resolve(job, lambda: encode_json(self.pipe.run(job.inputs.value, job.options,
-                                                             **self._batch_kw(job.size))))
+        pipe = self.pipe_of(job)
+        self._resolve(job, lambda: self._encode(job, pipe.run(job.inputs.value, job.options,
+                                                              **self._batch_kw(pipe, job.size))))
 
     def _resolve(self, job: Job, make_answer) -> None:
         """Answer `job` with what make_answer() returns, or with the error it raised, as the status it deserves."""
@@ -236,7 +239,7 @@ class ModelWorker:
             with cancel_when(lambda: job.cancelled):
                 result = self.pipe.run(job.inputs.value, job.options, streamer=tap)
             encode_json(result)  # NaN/infinity in the result: an error event rather than invalid JSON
-            job.push("end", StreamEnd(result, tap.tokens, tap.finish_reason))
+            job.push("end", StreamEnd(result, tap.tokens, tap.finish_reason, tap.prompt_tokens))
         except (ClientGone, Cancelled):
             cancelled = True
         except (ValueError, TypeError) as e:
@@ -247,8 +250,15 @@ class ModelWorker:
             if self.metrics is not None:
                 self.metrics.stream_ended(self.name, tap.tokens, cancelled)
 
-    def _batch_kw(self, n: int) -> dict:
-        if not self.combines or n < 2:
+    def pipe_of(self, job: Job):
+        return job.pipe if job.pipe is not None else self.pipe
+
+    @staticmethod
+    def _encode(job: Job, answer) -> bytes:
+        return encode_json(job.render(answer) if job.render is not None else answer)
+
+    def _batch_kw(self, pipe, n: int) -> dict:
+        if not pipe.joins_requests or n < 2:
             return {}
         return {"batch_size": min(n, self.max_batch_size)}
 
@@ -280,6 +290,7 @@ class StreamEnd:
     result: object        # what the pipeline call returned
     new_tokens: int       # tokens generated
     finish_reason: str = "stop"   # "length": cut by max_new_tokens / max_length or the context window
+    prompt_tokens: int = 0        # the prompt's tokens, as the model saw them (a chat: its rendered template)
 
 
 class _StreamTap:
@@ -292,6 +303,7 @@ class _StreamTap:
         self.job = job
         self.tokens = 0
         self.finish_reason = "stop"
+        self.prompt_tokens = 0
         self.text = TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
                                  skip_special_tokens=job.options.given.get("skip_special_tokens", True))
 
@@ -307,6 +319,9 @@ class _StreamTap:
 
     def on_finish(self, reason: str) -> None:
         self.finish_reason = reason
+
+    def on_prompt(self, tokens: int) -> None:
+        self.prompt_tokens = tokens
 
 
 def encode_json(result) -> bytes:

@@ -30,8 +30,9 @@ class Exchange:
         self.metrics = metrics
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def handle(self, request: Request, endpoint: str, name: str | None, run):
-        """Metrics and error answers around one request: `run(request, body)` makes the response."""
+    async def handle(self, request: Request, endpoint: str, name: str | None, run, error_body=None):
+        """Metrics and error answers around one request: `run(request, body)` makes the response; error_body(e)
+        shapes an error's JSON (default: {"error": message})."""
         t0 = time.perf_counter()
         self.metrics.request_started()
         # The route template, not the path: unknown names must not grow the metrics without bound.
@@ -46,7 +47,8 @@ class Exchange:
             return response
         except RequestError as e:
             status = e.status
-            return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+            return JSONResponse(error_body(e) if error_body else {"error": e.message}, status_code=e.status,
+                                headers=e.headers)
         finally:
             self.metrics.request_finished(label, endpoint, status, time.perf_counter() - t0)
             if size >= LARGE_BODY_BYTES:
@@ -54,25 +56,27 @@ class Exchange:
 
     # -- checks, all through the pipeline's public contract ------------------------------------------------------
 
-    def check_parameters(self, worker: ModelWorker, parameters) -> CallOptions:
+    def check_parameters(self, worker: ModelWorker, parameters, pipe=None) -> CallOptions:
+        """`parameters` checked by the pipeline (`pipe`, else the worker's) once, as CallOptions."""
+        pipe = pipe or worker.pipe
         if parameters is None:
             parameters = {}
         if not isinstance(parameters, dict):
             raise RequestError(422, f"'parameters' must be a JSON object of pipeline options, got {json.dumps(parameters)[:80]}")
-        owned = SERVER_OWNED if worker.combines else ("streamer",)
+        owned = SERVER_OWNED if pipe.joins_requests else ("streamer",)
         try:
-            return worker.pipe.check_parameters({k: v for k, v in parameters.items() if k not in owned})
+            return pipe.check_parameters({k: v for k, v in parameters.items() if k not in owned})
         except (ValueError, TypeError) as e:
             raise RequestError(422, f"bad parameters: {e}") from None
 
     async def check_inputs(self, worker: ModelWorker, value, options: CallOptions,
-                           where: str = "inputs") -> RequestInputs:
+                           where: str = "inputs", pipe=None) -> RequestInputs:
         """The request's inputs split per item, each checked for type and length, and the request for the
         server's budgets. Tokenizing a large body takes a while: it runs in a thread, not on the event loop."""
-        return await asyncio.to_thread(self._check_inputs, worker, value, options, where)
+        return await asyncio.to_thread(self._check_inputs, pipe or worker.pipe, value, options, where)
 
-    def _check_inputs(self, worker: ModelWorker, value, options: CallOptions, where: str) -> RequestInputs:
-        c, pipe = self.config, worker.pipe
+    def _check_inputs(self, pipe, value, options: CallOptions, where: str) -> RequestInputs:
+        c = self.config
         try:
             inputs = pipe.split_inputs(value, where)
             if len(inputs.items) > c.max_inputs:
@@ -88,6 +92,7 @@ class Exchange:
             raise RequestError(422, f"the request's inputs are {tokens} tokens in all; this server takes at most "
                                     f"{c.max_input_tokens} per request (--max-input-tokens): split it")
         inputs.lengths = None if None in lengths else lengths
+        inputs.tokens = tokens
         return inputs
 
     def _check_generation_budget(self, work, n_inputs: int) -> None:
@@ -109,9 +114,11 @@ class Exchange:
 
     # -- running -------------------------------------------------------------------------------------------------
 
-    async def run(self, request: Request, worker: ModelWorker, inputs: RequestInputs, options: CallOptions) -> bytes:
-        """Queue one request and wait for its JSON answer; a timeout or a client leaving cancels it."""
-        job = Job(inputs, options, self.loop, self.loop.create_future())
+    async def run(self, request: Request, worker: ModelWorker, inputs: RequestInputs, options: CallOptions,
+                  pipe=None, render=None) -> bytes:
+        """Queue one request and wait for its JSON answer; a timeout or a client leaving cancels it. pipe: the
+        pipeline to run instead of the worker's; render: the answer -> the body to send (in the worker thread)."""
+        job = Job(inputs, options, self.loop, self.loop.create_future(), pipe=pipe, render=render)
         self.pool.submit(worker, job)
         gone = asyncio.ensure_future(_disconnected(request))
         try:

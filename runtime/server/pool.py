@@ -58,6 +58,7 @@ class ModelPool:
         self.config = config            # ServerConfig
         self.metrics = metrics
         self.workers: dict[str, ModelWorker] = {}
+        self.loaded_at: dict[str, int] = {}   # name -> when it was loaded (Unix seconds)
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
@@ -79,6 +80,7 @@ class ModelPool:
                                      max_queue=c.max_queue, threads=c.workers, metrics=self.metrics)
                 worker.start()
                 self.workers[name] = worker
+                self.loaded_at[name] = int(time.time())
                 self.metrics.watch_queue(name, worker.depth)
                 log.info("loaded %s (%s) from %s in %.2f s on %s (session cache: %s)", name, pipe.task, spec.path,
                          time.perf_counter() - t0, pipe.device, session_cache_state(pipe))
@@ -110,6 +112,13 @@ class ModelPool:
 
     def chat_models(self) -> list[str]:
         return [name for name, w in self.workers.items() if w.pipe.chats]
+
+    def generation_models(self) -> list[str]:
+        """Models that continue a plain prompt token by token (what /v1/completions serves)."""
+        return [name for name, w in self.workers.items() if w.pipe.streams]
+
+    def embedding_models(self) -> list[str]:
+        return [name for name, w in self.workers.items() if w.pipe.embedding_pipeline() is not None]
 
     def describe(self, name: str) -> dict:
         pipe = self.workers[name].pipe

@@ -1,4 +1,4 @@
-"""onnxpipe's own routes: readiness, the model list, and `POST /v1/models/{name}` (any task, through the pipeline's
+"""onnxpipe's own routes: readiness, and `POST /v1/models/{name}` (any task, through the pipeline's
 request contract: this file names no task)."""
 from __future__ import annotations
 
@@ -26,9 +26,6 @@ class NativeRoutes:
             status = "failed: " + pool.load_error if pool.load_error else "loading"
             return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ready", "models": {n: w.task for n, w in pool.workers.items()}})
-
-    async def list_models(self, request: Request):
-        return JSONResponse({"models": [self.pool.describe(name) for name in self.pool.workers]})
 
     async def predict(self, request: Request):
         return await self.exchange.handle(request, "/v1/models/{name}", request.path_params["name"], self._predict)

@@ -34,6 +34,12 @@ class FeatureExtractionPipeline(EncoderPipeline):
         check_texts(inputs, "inputs")
         return super().run(inputs, options, batch_size=batch_size)
 
+    def embedding_pipeline(self) -> "SentenceEmbeddingPipeline":
+        """Sentence embeddings of the same model (its sessions shared), pooled as its manifest says."""
+        if getattr(self, "_embedder", None) is None:
+            self._embedder = SentenceEmbeddingPipeline(self.model)
+        return self._embedder
+
     def _sanitize_parameters(self, truncation=None, tokenize_kwargs=None, return_tensors=None, **kwargs):
         if kwargs:
             super()._sanitize_parameters(**kwargs)
@@ -77,6 +83,9 @@ class SentenceEmbeddingPipeline(EncoderPipeline):
 
     def texts_to_measure(self, item, options):
         return None  # cut at max_seq_length, as sentence-transformers does
+
+    def embedding_pipeline(self) -> "SentenceEmbeddingPipeline":
+        return self
 
     def _sanitize_parameters(self, pooling=None, normalize=None, max_length=None, **kwargs):
         if kwargs:
