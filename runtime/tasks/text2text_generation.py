@@ -38,14 +38,14 @@ class Text2TextGenerationPipeline(GeneratingPipeline):
             self.generation_config = self.generation_config.update(**params)
         super().__init__(model, **kwargs)
 
-    def run(self, inputs, options):
+    def run(self, inputs, options, *, batch_size=None):
         """One text -> a list of records; a list of texts -> one record per text (a list each with several sequences)."""
         pre, fwd, post = options.preprocess, options.forward, options.postprocess
         if isinstance(inputs, (list, tuple)):
             if not inputs:
                 raise ValueError(f"{self.task}: inputs is an empty list: pass a string or a non-empty list of strings")
             texts = [_check_text(x, f"inputs[{i}]") for i, x in enumerate(inputs)]
-            results = [self.run_single(text, pre, fwd, post) for text in texts]
+            results = self.run_items(texts, options, batch_size)
             return [r[0] for r in results] if all(len(r) == 1 for r in results) else results
         return self.run_single(_check_text(inputs, "inputs"), pre, fwd, post)
 
@@ -93,6 +93,10 @@ class Text2TextGenerationPipeline(GeneratingPipeline):
         output_ids = self.generator.generate(model_inputs["input_ids"], model_inputs["attention_mask"], plan=plan,
                                              seed=seed)
         return {"output_ids": output_ids}
+
+    def _row(self, outputs, batch, chunk, i):
+        n = outputs["output_ids"].shape[0] // len(chunk)
+        return {"output_ids": outputs["output_ids"][i * n:(i + 1) * n]}
 
     def postprocess(self, model_outputs, return_type=ReturnType.TEXT, clean_up_tokenization_spaces=False):
         records = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from dataclasses import replace
 
 import numpy as np
 
@@ -52,7 +53,7 @@ class TextGenerationPipeline(GeneratingPipeline):
     streams = True
     input_description = "a prompt string, a chat (a list of {'role', 'content'} objects), or a list of those"
 
-    def run(self, text_inputs, options, *, streamer=None):
+    def run(self, text_inputs, options, *, batch_size=None, streamer=None):
         """Continue a prompt (str), several prompts (list of str), a chat (list of message dicts) or several chats.
         streamer: as the streamer option, for options checked without one."""
         pre, fwd, post = options.preprocess, options.forward, options.postprocess
@@ -63,11 +64,12 @@ class TextGenerationPipeline(GeneratingPipeline):
                 raise ValueError("text_inputs is an empty list: pass a prompt, a list of prompts or a chat")
             if isinstance(text_inputs[0], dict):
                 return self.run_single(Chat(text_inputs), pre, fwd, post)
+            if streamer is not None:
+                options = replace(options, forward=fwd)
             if isinstance(text_inputs[0], (list, tuple)):
-                chats = [Chat(chat) for chat in text_inputs]
-                return [self.run_single(chat, pre, fwd, post) for chat in chats]
-            prompts = [_check_prompt(x, f"text_inputs[{i}]") for i, x in enumerate(text_inputs)]
-            return [self.run_single(prompt, pre, fwd, post) for prompt in prompts]
+                return self.run_items([Chat(chat) for chat in text_inputs], options, batch_size)
+            return self.run_items([_check_prompt(x, f"text_inputs[{i}]") for i, x in enumerate(text_inputs)],
+                                  options, batch_size)
         return self.run_single(_check_prompt(text_inputs, "text_inputs"), pre, fwd, post)
 
     def generate(self, input_ids, attention_mask=None, **kwargs) -> np.ndarray:
@@ -228,6 +230,12 @@ class TextGenerationPipeline(GeneratingPipeline):
                     all_text = _chat_output(prompt_text, all_text, continue_final_message)
             records.append({"generated_text": all_text})
         return records
+
+    def _row(self, outputs, batch, chunk, i):
+        """Row i of a batched generation: its sequences (num_return_sequences each), its padded prompt."""
+        n = outputs["generated_sequence"].shape[0] // len(chunk)
+        return {"generated_sequence": outputs["generated_sequence"][i * n:(i + 1) * n],
+                "input_ids": batch["input_ids"][i:i + 1], "prompt_text": chunk[i]["prompt_text"]}
 
     def _hole(self, input_ids, attention_mask, max_new_tokens, max_length):
         """handle_long_generation='hole': drop the prompt's left part so the new tokens fit the window."""
