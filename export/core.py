@@ -312,9 +312,39 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
                                                  attention=attention, max_positions=positions)
         fused_ops.update(fused)
         extra.update(fusion_extra)
+        if fused.get("GroupQueryAttention"):
+            extra["rotary"] = _save_rotary_tables(opt.model, out)
     opt.save_model_to_file(str(path))
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "model_type": model_type,
             "nodes_before": before, "nodes_after": _count_nodes(path), "fused_ops": fused_ops, **extra}
+
+
+def _save_rotary_tables(model, out: Path) -> dict | None:
+    """GroupQueryAttention rotates keys by their index in the cache (export/graph/group_query_attention.py): the
+    runtime's continuous batching moves a sequence's cache to other indices when it joins a batch, and must then
+    rotate its keys by the same offset. The graph's own cos/sin tables are written beside it for that
+    (rotary.npz), when they are pure rotations linear in the position (RoPE, its linear/NTK scalings); else
+    None, and the runtime does not move such a cache."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from .graph._util import _attr
+
+    tables = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+              if i.name in ("gqa/cos_cache", "gqa/sin_cache")}
+    if len(tables) != 2:
+        return None
+    cos, sin = tables["gqa/cos_cache"].astype(np.float64), tables["gqa/sin_cache"].astype(np.float64)
+    # each dimension pair's angle, unwrapped along the positions, must grow by one step per position; the tables
+    # are float32 (the model's own), so far positions carry ~1e-3 of rounding
+    angle = np.unwrap(np.arctan2(sin, cos), axis=0)
+    step = angle[-1] / max(len(angle) - 1, 1)
+    linear = np.allclose(angle, np.arange(len(angle))[:, None] * step, atol=1e-2)
+    if not linear or not np.allclose(cos ** 2 + sin ** 2, 1, atol=1e-3):
+        return None
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    np.savez(out / "rotary.npz", cos=tables["gqa/cos_cache"], sin=tables["gqa/sin_cache"])
+    return {"file": "rotary.npz", "interleaved": bool(_attr(gqa, "rotary_interleaved", 0))}
 
 
 def _count_nodes(path: Path) -> int:

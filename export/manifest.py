@@ -35,7 +35,8 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
         "is_encoder_decoder": bool(getattr(config, "is_encoder_decoder", False)),
         "files": files,
         "io": io,
-        "kv_cache": kv_cache_section(task, io, bool((optimization or {}).get("kv_shared_buffer"))),
+        "kv_cache": kv_cache_section(task, io, bool((optimization or {}).get("kv_shared_buffer")),
+                                     (optimization or {}).get("rotary")),
         # int64 [1] input: LM-head positions to compute, counted from the end (0 = all); null when absent
         "logits_to_keep_input": "logits_to_keep" if (graph_edits or {}).get("logits_to_keep") else None,
         "id2label": id2label,

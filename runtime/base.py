@@ -232,6 +232,12 @@ class Pipeline:
         (result,) = results
         return result
 
+    @property
+    def continuous_batching(self) -> bool:
+        """Requests may decode together in a GenerationEngine (onnxpipe.generation.engine), joining and leaving
+        at step boundaries."""
+        return False
+
     def embedding_pipeline(self) -> "Pipeline | None":
         """A pipeline over the same model that gives one vector per text (what /v1/embeddings serves), or None."""
         return None

@@ -73,6 +73,10 @@ def check_manifest(manifest, folder: Path) -> None:
                 f.check(value, str, f"kv_cache.{name}[{i}]")
         f.field(kv, "dtype", str, "kv_cache", optional=True)
         f.field(kv, "shared_buffer", bool, "kv_cache", optional=True)
+        rotary = f.field(kv, "rotary", dict, "kv_cache", optional=True)
+        if rotary is not None:
+            f.path(f.field(rotary, "file", str, "kv_cache.rotary"), "kv_cache.rotary.file")
+            f.field(rotary, "interleaved", bool, "kv_cache.rotary")
 
 
 def check_no_escaping_links(folder: Path) -> None:

@@ -32,7 +32,7 @@ def file_entry(folder: Path, name: str) -> dict:
     return entry
 
 
-def kv_cache_section(task: str, io: dict, shared_buffer: bool = False) -> dict | None:
+def kv_cache_section(task: str, io: dict, shared_buffer: bool = False, rotary: dict | None = None) -> dict | None:
     """kv_cache: the past/present names and the cache layout, read from the graphs' inputs and outputs.
 
     io: role -> {"inputs": [{"name", "dtype", "shape"}], "outputs": [...]}. The head count and head size are the
@@ -66,6 +66,9 @@ def kv_cache_section(task: str, io: dict, shared_buffer: bool = False) -> dict |
         # true: past_key_values.{i}.* and present.{i}.* may be bound to one [batch, kv_heads, capacity, head_dim]
         # buffer per tensor (the graph appends in place and reads the cache length from attention_mask)
         info["shared_buffer"] = shared_buffer
+        if rotary:
+            # keys rotated by their cache index (GroupQueryAttention): the tables to move a cache to other indices
+            info["rotary"] = rotary
     return info
 
 

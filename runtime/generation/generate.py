@@ -77,11 +77,6 @@ class Generator:
         elif kwargs or generation_config is not None:
             raise TypeError("generate() takes a plan or generation options, not both")
         config = plan.config
-        for name in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
-            if getattr(config, name) is not None:
-                self._check_token_ids(np.array([getattr(config, name)]), name)
-        if config.eos_token_ids:
-            self._check_token_ids(np.array(config.eos_token_ids), "eos_token_id")
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask, config)
         eos = config.eos_token_ids
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
@@ -145,6 +140,12 @@ class Generator:
         return sequences
 
     def _check_inputs(self, input_ids, attention_mask, config):
+        """input_ids/attention_mask as [batch, length] int64 arrays, and the config's token ids, checked."""
+        for name in ("bos_token_id", "pad_token_id", "decoder_start_token_id"):
+            if getattr(config, name) is not None:
+                self._check_token_ids(np.array([getattr(config, name)]), name)
+        if config.eos_token_ids:
+            self._check_token_ids(np.array(config.eos_token_ids), "eos_token_id")
         if input_ids is not None and np.ndim(input_ids) == 2 and np.shape(input_ids)[0] == 0:
             raise ValueError(f"input_ids has no rows (shape {np.shape(input_ids)}): pass at least one prompt")
         if input_ids is None or np.asarray(input_ids).size == 0:

@@ -142,9 +142,10 @@ class _SharedBuffers:
 
 class DecoderStepper:
     """logits_to_keep: fed as the export's logits_to_keep input (where it has one): the LM head runs for the last
-    this many positions of a run, 0 for all of them (export validation compares them all with torch's)."""
+    this many positions of a run, 0 for all of them (export validation compares them all with torch's).
+    shared_buffer: use the export's shared KV buffer where it has one (kv_cache.shared_buffer, CPU)."""
 
-    def __init__(self, session, kv_cache: dict, logits_to_keep: int = 1):
+    def __init__(self, session, kv_cache: dict, logits_to_keep: int = 1, shared_buffer: bool = True):
         self.runner = _Runner(session)
         self.session = session
         self.past_names = list(kv_cache["past_names"])
@@ -159,7 +160,9 @@ class DecoderStepper:
         #: the last run's logits output as the graph gave it: [batch, positions kept, vocab]
         self.logits: np.ndarray | None = None
         self.shared = None
-        if kv_cache.get("shared_buffer") and not self.runner.on_device:
+        # shared_buffer=False: the cache as separate past/present arrays even where the export could share one
+        # buffer (the generation engine moves rows between batches)
+        if shared_buffer and kv_cache.get("shared_buffer") and not self.runner.on_device:
             self.shared = _SharedBuffers(session, self.past_names, self.present_names, self.num_kv_heads,
                                          self.head_dim, self.dtype)
 

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class Job:
     # stream jobs: ("piece", text) items, then ("end", StreamEnd | RequestError)
     pieces: asyncio.Queue | None = None
     cancelled: bool = False
+    created: float = field(default_factory=time.monotonic)   # arrival, for time-to-first-token
     pipe: object = None     # the pipeline to run, when not the worker's own (e.g. embeddings of a feature extractor)
     render: object = None   # answer -> what to send instead (a route's own response shape), in the worker thread
 

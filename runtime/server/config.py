@@ -27,6 +27,8 @@ class ServerConfig:
     intra_op_num_threads: int | None = _option(None, "--threads", "ONNX Runtime intra-op threads per session "
                                                "(default: ONNX Runtime's; capped at the CPU count)")
     retry_after_s: int = _option(1, "--retry-after", "the Retry-After header of a 503, in seconds")
+    max_running: int = _option(16, "--max-running", "text-generation: sequences decoding together (continuous "
+                               "batching; 0: one request at a time)")
     # per-request budgets: a request over one gets 422 naming it
     max_inputs: int = _option(64, "--max-inputs", "inputs (list items) per request")
     max_input_tokens: int = _option(32768, "--max-input-tokens", "tokens over all the inputs of one request")
@@ -51,6 +53,8 @@ class ServerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.max_running, bool) or not isinstance(self.max_running, int) or self.max_running < 0:
+            raise ValueError(f"max_running must be an integer >= 0, got {self.max_running!r}")
         for name in ("max_wait_ms", "request_timeout_s", "header_timeout_s", "keep_alive_s"):
             value = getattr(self, name)
             positive = name != "max_wait_ms"

@@ -12,6 +12,7 @@ from collections import defaultdict
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500)
 
 
 class Metrics:
@@ -24,6 +25,28 @@ class Metrics:
         self._generated: dict[str, int] = defaultdict(int)                    # model -> tokens streamed
         self._streams_cancelled: dict[str, int] = defaultdict(int)            # model -> streams cut short
         self._in_flight = 0
+        # continuous batching (text-generation)
+        self._sequences: dict[str, callable] = {}                              # model -> () -> (running, waiting)
+        self._step_tokens = _Histogram(BATCH_BUCKETS)                          # tokens decoded per step, by model
+        self._first_token = _Histogram(LATENCY_BUCKETS)                        # arrival -> first token, by model
+        self._tokens_per_s = _Histogram(RATE_BUCKETS)                          # per finished request, by model
+
+    def watch_sequences(self, model: str, counts) -> None:
+        """Read `counts()` -> (running sequences, waiting requests) at scrape time."""
+        self._sequences[model] = counts
+
+    def generation_step(self, model: str, tokens: int) -> None:
+        with self._lock:
+            self._step_tokens.observe(model, tokens)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        with self._lock:
+            self._first_token.observe(model, seconds)
+
+    def request_generated(self, model: str, tokens: int, seconds: float) -> None:
+        with self._lock:
+            if seconds > 0:
+                self._tokens_per_s.observe(model, tokens / seconds)
 
     def watch_queue(self, model: str, depth) -> None:
         """Read `depth()` at scrape time: the queue itself is the truth, not a copy of it."""
@@ -73,6 +96,19 @@ class Metrics:
                       "# TYPE onnxpipe_streams_cancelled_total counter"]
             lines += [f'onnxpipe_streams_cancelled_total{{model="{_esc(m)}"}} {n}'
                       for m, n in sorted(self._streams_cancelled.items())]
+            counts = {m: f() for m, f in sorted(self._sequences.items())}
+            lines += ["# HELP onnxpipe_running_sequences Sequences decoding together (continuous batching).",
+                      "# TYPE onnxpipe_running_sequences gauge"]
+            lines += [f'onnxpipe_running_sequences{{model="{_esc(m)}"}} {c[0]}' for m, c in counts.items()]
+            lines += ["# HELP onnxpipe_waiting_requests Generation requests not yet decoding (queued or joining).",
+                      "# TYPE onnxpipe_waiting_requests gauge"]
+            lines += [f'onnxpipe_waiting_requests{{model="{_esc(m)}"}} {c[1]}' for m, c in counts.items()]
+            for name, hist, text in (
+                    ("onnxpipe_tokens_per_step", self._step_tokens, "Tokens decoded by one engine step."),
+                    ("onnxpipe_time_to_first_token_seconds", self._first_token, "Request received to first token."),
+                    ("onnxpipe_request_tokens_per_second", self._tokens_per_s,
+                     "New tokens per second of each finished generation request.")):
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} histogram"] + hist.render(name)
             lines += ["# HELP onnxpipe_requests_in_flight Requests received and not yet answered.",
                       "# TYPE onnxpipe_requests_in_flight gauge", f"onnxpipe_requests_in_flight {self._in_flight}"]
         return "\n".join(lines) + "\n"

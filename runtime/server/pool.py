@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batching import Job, ModelWorker, QueueFull, WorkerClosed
+from .continuous import EngineWorker
 from .errors import RequestError
 
 log = logging.getLogger("onnxpipe.server")
@@ -76,8 +77,13 @@ class ModelPool:
                 pipe = pipeline(spec.task, model=str(spec.path), precision=c.precision, session_config=session_config)
                 for role in pipe.model.roles:  # create sessions now, not on the first request
                     pipe.model.session(role)
-                worker = ModelWorker(name, pipe, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
-                                     max_queue=c.max_queue, threads=c.workers, metrics=self.metrics)
+                if pipe.continuous_batching and c.max_running > 0:
+                    worker = EngineWorker(name, pipe, max_running=c.max_running, max_queue=c.max_queue,
+                                          metrics=self.metrics)
+                    self.metrics.watch_sequences(name, worker.counts)
+                else:
+                    worker = ModelWorker(name, pipe, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
+                                         max_queue=c.max_queue, threads=c.workers, metrics=self.metrics)
                 worker.start()
                 self.workers[name] = worker
                 self.loaded_at[name] = int(time.time())

@@ -105,6 +105,10 @@ class TextGenerationPipeline(GeneratingPipeline):
     def chats(self) -> bool:
         return bool(self.manifest.get("chat_template"))
 
+    @property
+    def continuous_batching(self) -> bool:
+        return self.device == "cpu"  # the engine moves cache rows as numpy arrays
+
     def is_one_input(self, value: list) -> bool:
         return bool(value) and isinstance(value[0], dict)  # a list of messages is one chat, not a batch
 
