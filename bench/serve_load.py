@@ -2,6 +2,7 @@
 
     python -m bench.serve_load                      # BERT-small classifier, 1/8/32 clients
     python -m bench.serve_load --model DIR --requests 400 --time-limit 60
+    python -m bench.serve_load --generation         # streamed generation, continuous batching on vs off
 
 Bounded: each run sends a fixed number of requests and stops early at a time limit; each
 (batching, clients) pair is run --repeats times, alternating with the other mode. The server runs as its own process (`python -m onnxpipe.cli serve`, the same command
@@ -36,6 +37,10 @@ MODES = {"on": ["--max-batch-size", "8", "--max-wait-ms", "5"], "off": ["--max-b
 
 
 def main(argv=None) -> int:
+    if "--generation" in (sys.argv[1:] if argv is None else argv):  # streamed generation: bench/generation_load.py
+        from .generation_load import main as generation_main
+
+        return generation_main(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model folder (default: a BERT-small text classifier, built once)")
     ap.add_argument("--clients", default="1,8,32", help="concurrent clients, comma-separated")

@@ -133,7 +133,7 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     srv = ServerProcess([f"chat={tiny.export('llama', 'text-generation')}"], tmp_path_factory.mktemp("engine"),
-                        "--max-running", "8", "--max-queue", "4")
+                        "--max-running", "8", "--max-queue", "16")
     yield srv
     assert srv.stop() in GRACEFUL_EXIT, srv.log()
     assert "Traceback" not in srv.log()
@@ -175,7 +175,7 @@ def test_overload_gets_503_and_recovers(server):
         async with httpx.AsyncClient(timeout=60) as client:
             body = {"model": "chat", "messages": CHAT, "max_tokens": 30, "temperature": 0}
             return await asyncio.gather(*(client.post(f"{server.url}/v1/chat/completions", json=body)
-                                          for _ in range(40)))
+                                          for _ in range(80)))
 
     statuses = [r.status_code for r in asyncio.run(run())]
     assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses

@@ -133,18 +133,16 @@ class GenerationEngine:
             _check_logits(logits, len(self.running[0].generated))
             for row, seq in enumerate(self.running):
                 self._advance(seq, logits[row:row + 1], outputs)
-        while self.waiting and len(self.running) < self.max_running:
+        joining = []
+        while self.waiting and len(self.running) + len(joining) < self.max_running:
             seq = self.waiting.popleft()
             if seq.aborted:
                 self._ids.discard(seq.request_id)
                 outputs.append(RequestOutput(seq.request_id, [], [], True, "aborted", seq.prompt_len))
-                continue
-            stepper = DecoderStepper(self.session, self.kv_cache, shared_buffer=False)
-            logits = stepper.prefill(seq.ids, np.ones_like(seq.ids))
-            _check_logits(logits, 0)
-            self._join(stepper)
-            self.running.append(seq)
-            self._advance(seq, logits, outputs)
+            else:
+                joining.append(seq)
+        if joining:
+            self._prefill(joining, outputs)
         self._leave([s for s in self.running if s.finished], outputs, already_reported=True)
         return outputs
 
@@ -154,6 +152,20 @@ class GenerationEngine:
         return 0 if self._batch is None else self._batch.attention_mask.shape[1]
 
     # -- sequences ------------------------------------------------------------------------------------------------
+
+    def _prefill(self, joining: list, outputs: list) -> None:
+        """The prompts that join at this step, prefilled together (left-padded to the longest: one session call,
+        the weights read once), then merged into the batch."""
+        width = max(seq.ids.shape[1] for seq in joining)
+        ids = np.concatenate([_left_pad(seq.ids, width, 1) for seq in joining], axis=0)
+        mask = np.concatenate([_left_pad(np.ones_like(seq.ids), width, 1) for seq in joining], axis=0)
+        stepper = DecoderStepper(self.session, self.kv_cache, shared_buffer=False)
+        logits = stepper.prefill(ids, mask)
+        _check_logits(logits, 0)
+        self._join(stepper)
+        self.running.extend(joining)
+        for row, seq in enumerate(joining):
+            self._advance(seq, logits[row:row + 1], outputs)
 
     def _advance(self, seq: _Sequence, logits: np.ndarray, outputs: list) -> None:
         """The request's own processors and search on its own row, as sample_search does for a batch of one."""

@@ -1,0 +1,177 @@
+"""Generation under concurrent streaming clients: continuous batching ("after") against one request at a time
+("before", `--max-running 0`, the server as it was), side by side on loopback.
+
+    python -m bench.serve_load --generation                       # SmolLM2 fp32 and int8, 1/4/8/16 clients
+    python -m bench.serve_load --generation --model DIR --precisions fp32 --clients 1,8
+
+Each client streams chat completions (SSE) one after another (closed loop), each asking for --new-tokens
+tokens with greedy decoding and a stop string that never occurs, so every request decodes the same number of
+tokens. Per (precision, clients): aggregate tokens/s over the run, each stream's tokens/s (from its first token
+to its last), time to first token p50/p99; the two servers' runs alternate. Bounded: --requests per run, and
+a time limit. Targets (issue 20), at 8 clients against 1: aggregate tokens/s >= 4x, per-stream tokens/s >= 50%,
+time to first token p50 <= 2x. Writes bench/results/serve_generation.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+from .serve_load import RESULTS, Server, _quantile, machine
+
+MODES = {"after": ["--max-running", "16"], "before": ["--max-running", "0"]}
+PROMPTS = ["Tell me a story about a lighthouse.", "What is the capital of France?",
+           "Explain how rain forms, step by step.", "Write a short poem about the sea.",
+           "Give me three tips for learning to cook.", "Why is the sky blue?"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--generation", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help="text-generation model folder (default: SmolLM2, the built-in default)")
+    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=0, help="requests per run (default: 2 per client, at least 4)")
+    ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per run at most")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(RESULTS / "serve_generation"))
+    args = ap.parse_args(argv)
+    model = Path(args.model) if args.model else _smollm2()
+    clients = [int(c) for c in args.clients.split(",")]
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    load_before = os.getloadavg()
+    runs = []
+    for precision in args.precisions.split(","):
+        with contextlib.ExitStack() as stack:
+            flags = ["--precision", precision, "--max-queue", "256", "--timeout", "600", *extra]
+            servers = {mode: stack.enter_context(Server(model, [*mode_flags, *flags]))
+                       for mode, mode_flags in MODES.items()}
+            for srv in servers.values():  # warm-up, not counted
+                asyncio.run(load(srv.url, 2, 2, 8, 60))
+            for c in clients:
+                requests = args.requests or max(4, 2 * c)
+                for i, mode in enumerate(MODES if c % 2 == 0 else list(MODES)[::-1]):
+                    stats = summarize(asyncio.run(load(servers[mode].url, c, requests, args.new_tokens,
+                                                       args.time_limit)))
+                    stats.update(precision=precision, mode=mode, clients=c)
+                    runs.append(stats)
+                    print(f"{precision} {mode:6} clients {c:2}: {stats['aggregate_tokens_per_s']:7.1f} tok/s, "
+                          f"per stream {stats['stream_tokens_per_s_p50']:6.1f} tok/s, TTFT p50 "
+                          f"{stats['ttft_p50_ms']:7.1f} ms p99 {stats['ttft_p99_ms']:7.1f} ms "
+                          f"({stats['completed']} requests)", flush=True)
+    report = {"model": str(model), "machine": {**machine(load_before, os.getloadavg()), "cpu_model": _cpu_model()},
+              "new_tokens": args.new_tokens,
+              "runs": runs, "targets": targets(runs)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+async def load(url: str, concurrency: int, requests: int, new_tokens: int, time_limit: float) -> list[dict]:
+    """Closed loop of streamed chat completions; one record per finished request."""
+    import httpx
+
+    records, issued = [], 0
+    deadline = time.perf_counter() + time_limit
+    start = time.perf_counter()
+
+    async def client_loop(client):
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            prompt = PROMPTS[issued % len(PROMPTS)]
+            issued += 1
+            body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
+                    "temperature": 0, "stop": ["\u2603never\u2603"], "stream": True,
+                    "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            first = last = None
+            tokens = 0
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        now = time.perf_counter()
+                        first = first or now
+                        last = now
+            if first is not None:
+                records.append({"ttft": first - t0, "tokens": tokens, "stream_s": last - first, "end": last})
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    for r in records:
+        r["run_s"] = time.perf_counter() - start
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    ttft = sorted(r["ttft"] for r in records)
+    per_stream = sorted(r["tokens"] / r["stream_s"] for r in records if r["stream_s"] > 0)
+    seconds = max((r["end"] for r in records), default=0) - min((r["end"] - r["stream_s"] - r["ttft"]
+                                                                 for r in records), default=0)
+    tokens = sum(r["tokens"] for r in records)
+    return {"completed": len(records), "tokens": tokens, "seconds": round(seconds, 2),
+            "aggregate_tokens_per_s": round(tokens / seconds, 2) if seconds else 0.0,
+            "stream_tokens_per_s_p50": round(_quantile(per_stream, 0.5), 2),
+            "ttft_p50_ms": round(1000 * _quantile(ttft, 0.5), 1), "ttft_p99_ms": round(1000 * _quantile(ttft, 0.99), 1)}
+
+
+def targets(runs: list[dict]) -> list[dict]:
+    """Issue 20's targets per precision and mode: 8 clients against 1."""
+    out = []
+    for precision in sorted({r["precision"] for r in runs}):
+        for mode in MODES:
+            by = {r["clients"]: r for r in runs if r["precision"] == precision and r["mode"] == mode}
+            if 1 not in by or 8 not in by:
+                continue
+            one, eight = by[1], by[8]
+            checks = [("aggregate tok/s at 8 clients >= 4x 1 client",
+                       eight["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"], 4.0, True),
+                      ("per-stream tok/s at 8 clients >= 50% of 1 client",
+                       eight["stream_tokens_per_s_p50"] / one["stream_tokens_per_s_p50"], 0.5, True),
+                      ("TTFT p50 at 8 clients <= 2x 1 client", eight["ttft_p50_ms"] / one["ttft_p50_ms"], 2.0, False)]
+            for name, ratio, bound, at_least in checks:
+                out.append({"precision": precision, "mode": mode, "target": name, "ratio": round(ratio, 2),
+                            "met": ratio >= bound if at_least else ratio <= bound})
+    return out
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# Generation under concurrent streaming clients ({Path(report['model']).name})", "",
+             f"{m.get('cpu_model', '')}, {m['cpus']} CPUs (client and server share them); {report['new_tokens']} new "
+             f"tokens per request, greedy; load average {m['loadavg_1m_before']} -> {m['loadavg_1m_after']}. after: "
+             "continuous batching (--max-running 16); before: one request at a time (--max-running 0).", "",
+             "| precision | server | clients | aggregate tok/s | per-stream tok/s (p50) | TTFT p50 (ms) | TTFT p99 (ms) | requests |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['precision']} | {r['mode']} | {r['clients']} | {r['aggregate_tokens_per_s']} | "
+                     f"{r['stream_tokens_per_s_p50']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['completed']} |")
+    lines += ["", "| precision | server | target | ratio | met |", "|---|---|---|---|---|"]
+    lines += [f"| {t['precision']} | {t['mode']} | {t['target']} | {t['ratio']} | {'yes' if t['met'] else 'no'} |"
+              for t in report["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return ""
+
+
+def _smollm2() -> Path:
+    from onnxpipe.models import default_model_dir
+
+    return default_model_dir("text-generation")
