@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import cancel
 from .generate import _check_logits
-from .kv_cache import DecoderStepper
+from .kv_cache import SHARED_HEADROOM, DecoderStepper
 from .logits_process import build_logits_processor, softmax
 from .search import _multinomial
 from .stopping import build_stopping
@@ -195,29 +195,47 @@ class GenerationEngine:
         if not keep:
             self._batch = None
             return
-        b = self._batch
         index = np.array(keep)
-        b.cache = {n: np.take(v, index, axis=0) for n, v in b.cache.items()}
-        b.attention_mask = np.take(b.attention_mask, index, axis=0)
+        mask = np.take(self._batch.attention_mask, index, axis=0)
+        cache = {n: np.take(v, index, axis=0) for n, v in self._cache().items()}
         # columns only padding uses (the longest sequence left): trimmed, so the cache shrinks with the batch
-        unused = int(np.argmax(b.attention_mask.any(axis=0)))
+        unused = int(np.argmax(mask.any(axis=0)))
         if unused:
-            b.attention_mask = np.ascontiguousarray(b.attention_mask[:, unused:])
-            b.cache = self._moved({n: np.ascontiguousarray(v[:, :, unused:]) for n, v in b.cache.items()}, -unused)
+            mask = mask[:, unused:]
+            cache = self._moved({n: v[:, :, unused:] for n, v in cache.items()}, -unused)
+        self._set_batch(mask, cache)
 
     def _join(self, stepper: DecoderStepper) -> None:
-        """Merge one prefilled sequence's cache and mask into the batch's, left-padding the shorter side."""
+        """Merge prefilled sequences' cache and mask into the batch's, left-padding the shorter side."""
         if self._batch is None:
-            self._batch = stepper
+            self._set_batch(stepper.attention_mask, stepper.cache)
             return
-        b = self._batch
-        old, new = b.attention_mask.shape[1], stepper.attention_mask.shape[1]
+        old, new = self._batch.attention_mask.shape[1], stepper.attention_mask.shape[1]
         width = max(old, new)
-        b.attention_mask = np.concatenate([_left_pad(b.attention_mask, width, 1),
-                                           _left_pad(stepper.attention_mask, width, 1)], axis=0)
-        batch_cache, new_cache = self._moved(b.cache, width - old), self._moved(stepper.cache, width - new)
-        b.cache = {n: np.concatenate([_left_pad(v, width, 2), _left_pad(new_cache[n], width, 2)], axis=0)
-                   for n, v in batch_cache.items()}
+        mask = np.concatenate([_left_pad(self._batch.attention_mask, width, 1),
+                               _left_pad(stepper.attention_mask, width, 1)], axis=0)
+        batch_cache, new_cache = self._moved(self._cache(), width - old), self._moved(stepper.cache, width - new)
+        self._set_batch(mask, {n: np.concatenate([_left_pad(v, width, 2), _left_pad(new_cache[n], width, 2)], axis=0)
+                               for n, v in batch_cache.items()})
+
+    def _cache(self) -> dict:
+        """The batch's cache in use, {present name: [batch, kv_heads, positions, head_dim]} (views of a shared one)."""
+        return self._batch.presents()
+
+    def _set_batch(self, mask: np.ndarray, cache: dict) -> None:
+        """The batch's new rows: a stepper holding `cache`. Where the export lets past and present share one buffer
+        (GroupQueryAttention), the cache goes into such buffers with room to grow, so that decode steps append in
+        place rather than copy the whole cache into a new present every step."""
+        b = DecoderStepper(self.session, self.kv_cache)
+        b.attention_mask = np.ascontiguousarray(mask)
+        if b.shared is None:
+            b.cache = {n: np.ascontiguousarray(v) for n, v in cache.items()}
+        else:
+            length = mask.shape[1]
+            b.shared.allocate(mask.shape[0], length + SHARED_HEADROOM)
+            for past, present in zip(b.past_names, b.present_names):
+                b.shared.buffers[past][:, :, :length] = cache[present]
+        self._batch = b
 
     def _moved(self, cache: dict, by: int) -> dict:
         """A cache whose positions move `by` columns. Exports whose keys are rotated by their cache index
