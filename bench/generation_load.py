@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--clients", default="1,4,8,16")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--requests", type=int, default=0, help="requests per run (default: 2 per client, at least 4)")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="requests per run (default: 6 per client: the first burst, when every client asks at once, "
+                         "is then a sixth of the run rather than its median)")
     ap.add_argument("--time-limit", type=float, default=240.0, help="seconds per run at most")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(RESULTS / "serve_generation"))
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
             for srv in servers.values():  # warm-up, not counted
                 asyncio.run(load(srv.url, 2, 2, 8, 60))
             for c in clients:
-                requests = args.requests or max(4, 2 * c)
+                requests = args.requests or 6 * c
                 for i, mode in enumerate(MODES if c % 2 == 0 else list(MODES)[::-1]):
                     stats = summarize(asyncio.run(load(servers[mode].url, c, requests, args.new_tokens,
                                                        args.time_limit)))
