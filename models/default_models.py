@@ -25,6 +25,7 @@ class DefaultModel:
     recipe: dict
     recipe_version: int
     overrides: dict = field(default_factory=dict)
+    build_minutes_seen: float | None = None   # descriptive: a build on this project's 2-core machines
 
     @property
     def recipe_sha256(self) -> str:
@@ -104,7 +105,8 @@ def load_registry(path: str | Path = REGISTRY_PATH) -> Registry:
         models[name] = DefaultModel(
             name=name, tasks=tuple(m["tasks"]), description=m.get("description", ""), licence=m.get("licence", ""),
             sources={role: dict(sources[key], id=key) for role, key in m["sources"].items()},
-            recipe=m["recipe"], recipe_version=int(m.get("recipe_version", 1)))
+            recipe=m["recipe"], recipe_version=int(m.get("recipe_version", 1)),
+            build_minutes_seen=m.get("build_minutes_seen"))
     hub = {task: HubDefault(task, d["model"], d["revision"], (d.get("onnx") or {}).get("model"),
                             (d.get("onnx") or {}).get("revision"))
            for task, d in (raw.get("transformers_defaults") or {}).get("tasks", {}).items()}

@@ -1,10 +1,11 @@
 """`python -m onnxpipe.demo` (what `make demo` runs): the seed's task examples, run through onnxpipe.
 
-It first builds the built-in default models that are missing (cached in .cache/models; the
-first build needs the `export` extra and some minutes), then prints each example the way the
-seed's transformers code prints it. A section whose pipeline or model is not available says
-why and the demo goes on. Where no real model can be had offline (paraphrase classification,
-extractive QA, fill-mask) the demo says so and shows what can honestly be shown instead.
+It says which built-in defaults are not built yet and about how long they take, then prints each example the way
+the seed's transformers code prints it, each section building the one default it needs when it comes (cached in
+.cache/models; the first build needs the `export` extra), sentiment first. A section whose pipeline or model is not
+available says why and the demo goes on. Where no real model can be had offline (paraphrase classification,
+extractive QA, fill-mask) the demo says so, shows what can honestly be shown instead, and its last line counts what
+was shown and gives the command that would get each missing model.
 """
 from __future__ import annotations
 
@@ -34,30 +35,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed for the sampling examples")
     args = parser.parse_args(argv)
 
-    if not args.no_build:
-        _build_defaults()
-    ok = 0
-    for title, section in SECTIONS:
+    _print_plan(args)
+    outcomes = []
+    for title, needs, section in SECTIONS:
         print(f"\n### {title}\n", flush=True)
         started = time.perf_counter()
         try:
-            section(args)
-            ok += 1
-            print(f"  ({time.perf_counter() - started:.1f} s)")
+            outcome = section(args) or SHOWN  # each section builds the one default it needs, when it needs it
+            if outcome is SHOWN:
+                print(f"  ({time.perf_counter() - started:.1f} s)")
         except Exception as e:  # one broken section must not hide the others
-            print(f"  [not shown: {type(e).__name__}: {e}]")
-    print(f"\n{ok} of {len(SECTIONS)} sections ran.")
+            outcome = Missing(f"{type(e).__name__}: {e}")
+            print(f"  [not shown: {outcome.why}]")
+        outcomes.append((title, outcome))
+    print("\n" + closing_line(outcomes))
     return 0
 
 
-def _build_defaults() -> None:
-    from onnxpipe.models import build_defaults
+class Missing:
+    """A section that could not show its task's result: why, and the one command that would get it."""
 
-    print("Building the built-in default models that are not built yet (cached in .cache/models) ...", flush=True)
-    try:
-        build_defaults()
-    except Exception as e:
-        print(f"  [some defaults could not be built: {e}]")
+    def __init__(self, why: str, command: str | None = None):
+        self.why, self.command = why, command
+
+
+SHOWN, STAND_IN = "shown", "stand-in"
+
+
+def closing_line(outcomes: list) -> str:
+    """How many sections showed a real model's result for their task, which showed a stand-in, which could not."""
+    shown = [t for t, o in outcomes if o is SHOWN]
+    stand_in = [t for t, o in outcomes if o is STAND_IN]
+    missing = [(t, o) for t, o in outcomes if isinstance(o, Missing)]
+    line = f"{len(shown)} of {len(outcomes)} sections showed a real model's result"
+    if stand_in:
+        line += f"; {len(stand_in)} showed a stand-in ({', '.join(stand_in)})"
+    if missing:
+        line += "; not shown: " + "; ".join(f"{t} ({o.command or o.why})" for t, o in missing)
+    return line + "."
+
+
+def _print_plan(args) -> None:
+    """Which defaults the sections need, which are built, and how long building the others takes here."""
+    from onnxpipe.models import check_built, load_registry, model_path
+
+    registry = load_registry()
+    todo = []
+    for task in dict.fromkeys(t for _, needs, _ in SECTIONS for t in needs):
+        if not registry.has_builtin(task):
+            continue
+        model = registry.for_task(task)
+        if check_built(model, model_path(model)) is not None and model.name not in [m for m, _ in todo]:
+            todo.append((model.name, model.build_minutes_seen))
+    if not todo:
+        print("Every built-in default the demo uses is built: the sections follow.", flush=True)
+        return
+    verb = "missing (--no-build: those sections say so)" if args.no_build else "built when its section comes"
+    total = sum(m or 0 for _, m in todo)
+    print(f"Built-in defaults not built yet, each {verb}: " + ", ".join(
+        f"{name} (~{m} min)" if m else name for name, m in todo) +
+        (f"; about {total} minutes in all on 2 cores (cached in .cache/models, once)." if total and not args.no_build
+         else "."), flush=True)
 
 
 def _pipeline(task, args, **kwargs):
@@ -90,21 +128,33 @@ def paraphrase(args) -> None:
     e0, e1, e2 = embed([SEQUENCE_0, SEQUENCE_1, SEQUENCE_2])
     print(f"sequence_0 vs sequence_2 (a paraphrase):      cosine similarity {float(e0 @ e2):.2f}")
     print(f"sequence_0 vs sequence_1 (not a paraphrase):  cosine similarity {float(e0 @ e1):.2f}")
+    return STAND_IN
 
 
 def _pipeline_or_why_not(task, args):
-    """The task's default pipeline, or None after printing why it has none (the registry's reason)."""
+    """The task's default pipeline, or a Missing saying why it has none and the command that would get one."""
     try:
         return _pipeline(task, args)
     except ValueError as e:
         print(f"No default: {e}")
+        return Missing(str(e).splitlines()[0], _command_for(task))
+
+
+def _command_for(task: str) -> str | None:
+    from onnxpipe.models import load_registry
+
+    default = load_registry().transformers_defaults.get(task)
+    if default is None:
         return None
+    onnx = default.onnx_model or default.model
+    return (f"needs {default.model} from the Hugging Face Hub: `HF_HUB_OFFLINE=0 python -m onnxpipe.demo` with "
+            f"network access, or `onnxpipe import {onnx} --out models/{task}`")
 
 
 def question_answering(args) -> None:
     qa = _pipeline_or_why_not("question-answering", args)
-    if qa is None:
-        return
+    if isinstance(qa, Missing):
+        return qa
     for question in ("What is extractive question answering?",
                      "What is a good example of a question answering dataset?"):
         result = qa(question=question, context=QA_CONTEXT)
@@ -114,8 +164,8 @@ def question_answering(args) -> None:
 
 def fill_mask(args) -> None:
     unmasker = _pipeline_or_why_not("fill-mask", args)
-    if unmasker is None:
-        return
+    if isinstance(unmasker, Missing):
+        return unmasker
     mask = unmasker.tokenizer.mask_token
     sequence = ("Distilled models are smaller than the models they mimic. Using them instead of the large "
                 f"versions would help {mask} our carbon footprint.")
@@ -163,15 +213,17 @@ def chat(args) -> None:
     print(f"user: {messages[0]['content']}\n{reply['role']}: {reply['content']}")
 
 
+# (title, the tasks whose default the section needs, the section); sentiment first: the first default a new
+# machine builds is the one the first section shows
 SECTIONS = [
-    ("Sequence classification: sentiment", sentiment),
-    ("Sequence classification: paraphrase", paraphrase),
-    ("Extractive question answering", question_answering),
-    ("Masked language modeling", fill_mask),
-    ("Causal language modeling: next-token sampling with top_k_top_p_filtering", next_token),
-    ("Text generation", text_generation),
-    ("Named entity recognition", ner),
-    ("Chat", chat),
+    ("Sequence classification: sentiment", ("text-classification",), sentiment),
+    ("Sequence classification: paraphrase", ("sentence-similarity",), paraphrase),
+    ("Extractive question answering", ("question-answering",), question_answering),
+    ("Masked language modeling", ("fill-mask",), fill_mask),
+    ("Causal language modeling: next-token sampling with top_k_top_p_filtering", ("text-generation",), next_token),
+    ("Text generation", ("text-generation",), text_generation),
+    ("Named entity recognition", ("token-classification",), ner),
+    ("Chat", ("text-generation",), chat),
 ]
 
 if __name__ == "__main__":
