@@ -163,11 +163,9 @@ def machine_info(threads: int, quick: bool) -> dict:
     import numpy
     import onnxruntime
 
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor()
+    from .serve_load import cpu_model
+
+    cpu = cpu_model()
     versions = {"python": platform.python_version(), "numpy": numpy.__version__, "onnxruntime": onnxruntime.__version__}
     for name in ("torch", "transformers", "optimum", "optimum.onnxruntime", "tokenizers"):
         try:

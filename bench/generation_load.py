@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 
-from .serve_load import RESULTS, Server, _quantile, machine
+from .serve_load import RESULTS, Server, _quantile, machine, write_report
 
 MODES = {"after": ["--max-running", "16"], "before": ["--max-running", "0"]}
 PROMPTS = ["Tell me a story about a lighthouse.", "What is the capital of France?",
@@ -66,14 +66,9 @@ def main(argv=None) -> int:
                           f"per stream {stats['stream_tokens_per_s_p50']:6.1f} tok/s, TTFT p50 "
                           f"{stats['ttft_p50_ms']:7.1f} ms p99 {stats['ttft_p99_ms']:7.1f} ms "
                           f"({stats['completed']} requests)", flush=True)
-    report = {"model": str(model), "machine": {**machine(load_before, os.getloadavg()), "cpu_model": _cpu_model()},
-              "new_tokens": args.new_tokens,
+    report = {"model": str(model), "machine": machine(load_before, os.getloadavg()), "new_tokens": args.new_tokens,
               "runs": runs, "targets": targets(runs)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(Path(args.out), report, markdown(report))
     return 0
 
 
@@ -164,13 +159,6 @@ def markdown(report: dict) -> str:
     lines += [f"| {t['precision']} | {t['mode']} | {t['target']} | {t['ratio']} | {'yes' if t['met'] else 'no'} |"
               for t in report["targets"]]
     return "\n".join(lines) + "\n"
-
-
-def _cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return ""
 
 
 def _smollm2() -> Path:

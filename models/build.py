@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from onnxpipe.folder_install import install_folder
+
 from . import data, evaluate
 from .cache import MANIFEST_NAME, build_lock, check_built, model_path, models_cache
 from .default_models import DefaultModel
@@ -48,7 +50,7 @@ def build_model(model: DefaultModel, cache_dir: str | os.PathLike | None = None,
                     raise ValueError(f"registry model {model.name!r} has unknown recipe kind {model.recipe['kind']!r}")
                 evaluation = recipe(model, source_dirs, Path(work), partial, log)
             _finish_manifest(partial, model, source_dirs, evaluation, time.monotonic() - started)
-            _install(partial, path)
+            install_folder(partial, path)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -174,16 +176,6 @@ def _finish_manifest(out: Path, model: DefaultModel, source_dirs: dict, evaluati
     tmp = out / f"{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, mpath)
-
-
-def _install(partial: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, path)
 
 
 def _sweep_leftovers(cache: Path, name: str) -> None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from .model_dir import ModelDir
 
 
@@ -53,6 +55,7 @@ class GenerationWork:
     num_beams: int
     num_return_sequences: int
     new_tokens: int
+    sampled: bool = False   # tokens are drawn (do_sample), so runs with different seeds differ
 
 
 @dataclass
@@ -257,8 +260,6 @@ class Pipeline:
 
 
 def check_batch_size(batch_size) -> int:
-    import numpy as np
-
     if batch_size is None:
         return 1
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -267,9 +268,8 @@ def check_batch_size(batch_size) -> int:
 
 
 def check_bool(value, name: str) -> bool:
-    """A true/false option: a front end's "yes", "no" or 1 is refused rather than taken by its truthiness."""
-    import numpy as np
-
+    """A true/false option: a front end's "yes", "no" or 1 is refused rather than taken by its truthiness (which
+    transformers would do, silently)."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be true or false, got {value!r}")
     return bool(value)

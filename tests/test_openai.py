@@ -129,3 +129,14 @@ def test_errors_are_the_clients_exception_classes(client):
         client.embeddings.create(model="sst", input="x")
     with pytest.raises(openai.UnprocessableEntityError, match="not a chat model"):
         client.chat.completions.create(model="gen", messages=CHAT)
+
+
+def test_completions_budgets_count_every_prompt_and_choice(client):
+    """A prompt list and n are one request to the server's budgets, not one request per prompt."""
+    with pytest.raises(openai.UnprocessableEntityError, match="--max-inputs"):
+        client.completions.create(model="gen", prompt=["a"] * 100, max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="--max-return-sequences"):
+        client.completions.create(model="gen", prompt="a", max_tokens=2, n=20, temperature=1.0)
+    with pytest.raises(openai.UnprocessableEntityError, match="--max-generated-tokens"):
+        client.completions.create(model="gen", prompt=["a"] * 60, max_tokens=100, n=8, temperature=1.0)
+

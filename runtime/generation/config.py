@@ -10,6 +10,8 @@ import copy
 import math
 import numbers
 
+from ..base import check_bool
+
 # GenerationConfig() defaults in transformers 4.57 for every option this package reads.
 GLOBAL_DEFAULTS = {
     "max_length": 20, "max_new_tokens": None, "min_length": 0, "min_new_tokens": None,
@@ -95,7 +97,7 @@ def validate(config: GenerationConfig) -> None:
     """The checks transformers' GenerationConfig.validate and the processors make, as ValueError/TypeError."""
     c = config
     for name in BOOLEAN_OPTIONS:
-        _check_bool(name, getattr(c, name))
+        check_bool(getattr(c, name), name)
     for name in ("bos_token_id", "pad_token_id", "decoder_start_token_id", "forced_bos_token_id"):
         _check_int(name, getattr(c, name), minimum=0, optional=True)
     eos = c.eos_token_id
@@ -150,12 +152,6 @@ def _check_int(name, value, minimum, optional=False):
         raise TypeError(f"{name}={value!r} must be an integer")
     if value < minimum:
         raise ValueError(f"{name}={value!r} must be >= {minimum}")
-
-
-def _check_bool(name, value):
-    # a JSON client's "yes" or 1 is not taken for True: transformers would, silently
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} must be true or false")
 
 
 def _check_number(name, value, strictly_positive=False):

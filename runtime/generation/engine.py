@@ -28,8 +28,8 @@ import numpy as np
 from .. import cancel
 from .generate import _check_logits
 from .kv_cache import SHARED_HEADROOM, DecoderStepper
-from .logits_process import build_logits_processor, softmax
-from .search import _multinomial
+from .logits_process import build_logits_processor
+from .search import next_token
 from .stopping import build_stopping
 
 
@@ -169,8 +169,7 @@ class GenerationEngine:
 
     def _advance(self, seq: _Sequence, logits: np.ndarray, outputs: list) -> None:
         """The request's own processors and search on its own row, as sample_search does for a batch of one."""
-        scores = seq.process(seq.ids, logits)
-        token = _multinomial(softmax(scores), seq.rng) if seq.config.do_sample else np.argmax(scores, axis=-1)
+        token = next_token(seq.process(seq.ids, logits), seq.config.do_sample, seq.rng)
         seq.ids = np.concatenate([seq.ids, token[:, None].astype(np.int64)], axis=1)
         seq.generated.append(int(token[0]))
         if seq.stopping(seq.ids)[0]:

@@ -25,11 +25,7 @@ def sample_search(first_logits: np.ndarray, step: Callable, input_ids: np.ndarra
     has_eos = bool(config.eos_token_ids)
     logits = first_logits
     while True:
-        scores = process(input_ids, logits)
-        if config.do_sample:
-            next_tokens = _multinomial(softmax(scores), rng)
-        else:
-            next_tokens = np.argmax(scores, axis=-1)
+        next_tokens = next_token(process(input_ids, logits), config.do_sample, rng)
         if has_eos:
             next_tokens = np.where(unfinished, next_tokens, pad_token_id)
         input_ids = np.concatenate([input_ids, next_tokens[:, None].astype(np.int64)], axis=1)
@@ -39,6 +35,11 @@ def sample_search(first_logits: np.ndarray, step: Callable, input_ids: np.ndarra
         if not unfinished.any():
             return input_ids
         logits = step(next_tokens)
+
+
+def next_token(scores: np.ndarray, do_sample: bool, rng: np.random.Generator | None) -> np.ndarray:
+    """Each row's next token from its processed scores: drawn (multinomial) or the most likely (greedy)."""
+    return _multinomial(softmax(scores), rng) if do_sample else np.argmax(scores, axis=-1)
 
 
 def beam_search(first_logits: np.ndarray, step: Callable, reorder: Callable, input_ids: np.ndarray, *, config,

@@ -294,19 +294,24 @@ class StreamEnd:
     prompt_tokens: int = 0        # the prompt's tokens, as the model saw them (a chat: its rendered template)
 
 
+def text_pieces(tokenizer, job: Job):
+    """A TextStreamer that hands a stream job each decoded text piece, as the request's skip_special_tokens says."""
+    from onnxpipe.generation import TextStreamer
+
+    return TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
+                        skip_special_tokens=job.options.given.get("skip_special_tokens", True))
+
+
 class _StreamTap:
     """The pipeline's `streamer`: counts new tokens, decodes them into text pieces as transformers'
     TextStreamer does, and stops generation by raising once the client has gone."""
 
     def __init__(self, tokenizer, job: Job):
-        from onnxpipe.generation import TextStreamer
-
         self.job = job
         self.tokens = 0
         self.finish_reason = "stop"
         self.prompt_tokens = 0
-        self.text = TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
-                                 skip_special_tokens=job.options.given.get("skip_special_tokens", True))
+        self.text = text_pieces(tokenizer, job)
 
     def put(self, token_ids) -> None:
         if self.job.cancelled:

@@ -15,7 +15,7 @@ import numpy as np
 
 from onnxpipe.generation.engine import GenerationEngine
 
-from .batching import Job, ModelWorker, StreamEnd, encode_json, failure
+from .batching import Job, ModelWorker, StreamEnd, encode_json, failure, text_pieces
 from .errors import RequestError
 
 log = logging.getLogger("onnxpipe.server")
@@ -124,10 +124,5 @@ class _Active:
     """A request decoding in the engine: its text streamer (stream jobs) and when its first token came."""
 
     def __init__(self, tokenizer, job: Job):
-        from onnxpipe.generation import TextStreamer
-
         self.first_token_at = None
-        self.text = None
-        if job.stream:
-            self.text = TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
-                                     skip_special_tokens=job.options.given.get("skip_special_tokens", True))
+        self.text = text_pieces(tokenizer, job) if job.stream else None

@@ -70,19 +70,20 @@ class Exchange:
             raise RequestError(422, f"bad parameters: {e}") from None
 
     async def check_inputs(self, worker: ModelWorker, value, options: CallOptions,
-                           where: str = "inputs", pipe=None) -> RequestInputs:
+                           where: str = "inputs", pipe=None, copies: int = 1) -> RequestInputs:
         """The request's inputs split per item, each checked for type and length, and the request for the
-        server's budgets. Tokenizing a large body takes a while: it runs in a thread, not on the event loop."""
-        return await asyncio.to_thread(self._check_inputs, pipe or worker.pipe, value, options, where)
+        server's budgets (copies: runs of each input the route makes, e.g. OpenAI's n). Tokenizing a large body
+        takes a while: it runs in a thread, not on the event loop."""
+        return await asyncio.to_thread(self._check_inputs, pipe or worker.pipe, value, options, where, copies)
 
-    def _check_inputs(self, pipe, value, options: CallOptions, where: str) -> RequestInputs:
+    def _check_inputs(self, pipe, value, options: CallOptions, where: str, copies: int) -> RequestInputs:
         c = self.config
         try:
             inputs = pipe.split_inputs(value, where)
             if len(inputs.items) > c.max_inputs:
                 raise RequestError(422, f"the request has {len(inputs.items)} inputs; this server takes at most "
                                         f"{c.max_inputs} per request (--max-inputs): split it")
-            self._check_generation_budget(pipe.generation_work(options), len(inputs.items))
+            self._check_generation_budget(pipe.generation_work(options), len(inputs.items), copies)
             lengths = [pipe.check_input_length(item, options, where if not inputs.is_list else f"{where}[{i}]")
                        for i, item in enumerate(inputs.items)]
             tokens = sum(n if n is not None else pipe.count_input_tokens(item) for n, item in zip(lengths, inputs.items))
@@ -95,22 +96,22 @@ class Exchange:
         inputs.tokens = tokens
         return inputs
 
-    def _check_generation_budget(self, work, n_inputs: int) -> None:
+    def _check_generation_budget(self, work, n_inputs: int, copies: int) -> None:
         if work is None:
             return
         c = self.config
+        sequences = copies * max(work.num_beams, work.num_return_sequences)
         for value, limit, name, flag in ((work.num_beams, c.max_num_beams, "num_beams", "--max-beams"),
-                                         (work.num_return_sequences, c.max_return_sequences, "num_return_sequences",
-                                          "--max-return-sequences"),
+                                         (copies * work.num_return_sequences, c.max_return_sequences,
+                                          "num_return_sequences (n)", "--max-return-sequences"),
                                          (work.new_tokens, c.max_new_tokens, "max_new_tokens", "--max-new-tokens")):
             if value > limit:
                 raise RequestError(422, f"{name}={value} is over this server's limit of {limit} ({flag})")
-        total = n_inputs * max(work.num_beams, work.num_return_sequences) * work.new_tokens
+        total = n_inputs * sequences * work.new_tokens
         if total > c.max_generated_tokens:
-            raise RequestError(422, f"the request may generate {total} tokens ({n_inputs} inputs x "
-                                    f"{max(work.num_beams, work.num_return_sequences)} sequences x {work.new_tokens} new "
-                                    f"tokens); this server generates at most {c.max_generated_tokens} per request "
-                                    "(--max-generated-tokens): ask for fewer")
+            raise RequestError(422, f"the request may generate {total} tokens ({n_inputs} inputs x {sequences} "
+                                    f"sequences x {work.new_tokens} new tokens); this server generates at most "
+                                    f"{c.max_generated_tokens} per request (--max-generated-tokens): ask for fewer")
 
     # -- running -------------------------------------------------------------------------------------------------
 

@@ -13,8 +13,7 @@ from starlette.responses import JSONResponse
 
 from .errors import RequestError
 from .exchange import sse
-from .openai_common import (OpenAIRoute, check_fields, choice_count, generate_choices, generation_worker,
-                            include_usage, now, pipeline_parameters, usage)
+from .openai_common import OpenAIRoute, generate_choices, now, open_generation, usage
 
 SUPPORTED_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
                     "stop", "stream", "stream_options", "n", "user", "presence_penalty", "frequency_penalty")
@@ -25,18 +24,12 @@ class ChatCompletions(OpenAIRoute):
 
     async def answer(self, request, body: dict):
         exchange = self.exchange
-        worker = generation_worker(exchange, body, needs_chat=True)
-        check_fields(body, SUPPORTED_FIELDS)
+        call = open_generation(exchange, body, needs_chat=True, fields=SUPPORTED_FIELDS)
+        worker, options = call.worker, call.options
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError(422, "'messages' must be a non-empty list of {'role': str, 'content': str} objects")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError(422, "'stream' must be true or false")
-        n, with_usage = choice_count(body, stream), include_usage(body, stream)
-        params = pipeline_parameters(body)
-        options = exchange.check_parameters(worker, params)
-        inputs = await exchange.check_inputs(worker, messages, options, where="messages")
+        inputs = await exchange.check_inputs(worker, messages, options, where="messages", copies=call.n)
         if inputs.is_list:
             raise RequestError(422, "'messages' must be one chat: a list of {'role': str, 'content': str} objects")
         completion_id, created, name = f"chatcmpl-{uuid.uuid4().hex}", now(), body["model"]
@@ -45,7 +38,7 @@ class ChatCompletions(OpenAIRoute):
             return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": name,
                     "choices": choices, **extra}
 
-        if stream:
+        if call.stream:
             started = False
 
             def render(piece: str) -> bytes:
@@ -57,13 +50,13 @@ class ChatCompletions(OpenAIRoute):
             def finish(end) -> list[bytes]:
                 # "length" when cut by max_tokens or the context window, else "stop"
                 events = [sse(chunk([{"index": 0, "delta": {}, "finish_reason": end.finish_reason}]))]
-                if with_usage:  # OpenAI's last chunk: no choices, the usage
+                if call.with_usage:  # OpenAI's last chunk: no choices, the usage
                     events.append(sse(chunk([], usage=usage(end.prompt_tokens, end.new_tokens))))
                 return events
 
             return exchange.stream(worker, inputs, options, render, finish)
 
-        ends = await generate_choices(exchange, request, worker, inputs, params, n)
+        ends = await generate_choices(exchange, request, call, inputs)
         choices = [{"index": i, "message": {"role": "assistant", "content": end.result[0]["generated_text"][-1]["content"]},
                     "logprobs": None, "finish_reason": end.finish_reason} for i, end in enumerate(ends)]
         return JSONResponse({"id": completion_id, "object": "chat.completion", "created": created, "model": name,

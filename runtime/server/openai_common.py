@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
+
+from onnxpipe.base import CallOptions
 
 from .errors import RequestError
 from .exchange import Exchange
@@ -90,18 +93,38 @@ def pipeline_parameters(body: dict, default_max_tokens: int | None = None) -> di
     return params
 
 
-def choice_count(body: dict, stream: bool) -> int:
+@dataclass
+class GenerationCall:
+    """What the chat and completions routes read off a request alike, checked once."""
+
+    worker: object
+    stream: bool
+    n: int                 # choices asked for
+    with_usage: bool       # stream_options.include_usage
+    options: CallOptions   # the pipeline's options, checked once
+
+
+def open_generation(exchange: Exchange, body: dict, *, needs_chat: bool, fields: tuple[str, ...],
+                    default_max_tokens: int | None = None, **pipeline_options) -> GenerationCall:
+    """The model, the fields, stream / n / stream_options, and the pipeline options (OpenAI's fields translated,
+    plus the route's own), each refused with a 422 naming what was wrong."""
+    worker = generation_worker(exchange, body, needs_chat)
+    check_fields(body, fields)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(422, "'stream' must be true or false")
     n = body.get("n", 1)
     if n is None:
-        return 1
+        n = 1
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestError(422, f"n must be a positive integer, got {n!r}")
     if n > 1 and stream:
         raise RequestError(422, "n > 1 is answered whole, not streamed: pass stream=false, or n=1")
-    return n
+    options = exchange.check_parameters(worker, {**pipeline_parameters(body, default_max_tokens), **pipeline_options})
+    return GenerationCall(worker, stream, n, _include_usage(body, stream), options)
 
 
-def include_usage(body: dict, stream: bool) -> bool:
+def _include_usage(body: dict, stream: bool) -> bool:
     options = body.get("stream_options")
     if options is None:
         return False
@@ -113,16 +136,15 @@ def include_usage(body: dict, stream: bool) -> bool:
     return bool(options.get("include_usage"))
 
 
-async def generate_choices(exchange: Exchange, request, worker, inputs, params: dict, n: int):
-    """n generations of one input, as StreamEnds (result, new tokens, finish reason, prompt tokens). Greedy ones are
-    the same every time: generated once. Sampled ones run as n requests with seeds seed, seed+1, ... (or none), so
-    that a seed still makes the whole answer reproducible while the choices differ."""
-    if n == 1 or not params.get("do_sample", worker.pipe.generation_config.do_sample):
-        end = await exchange.collect(request, worker, inputs, exchange.check_parameters(worker, params))
-        return [end] * n
-    seeds = [params["seed"] + j if isinstance(params.get("seed"), int) else None for j in range(n)]
-    options = [exchange.check_parameters(worker, {**params, **({"seed": s} if s is not None else {})}) for s in seeds]
-    return await asyncio.gather(*(exchange.collect(request, worker, inputs, o) for o in options))
+async def generate_choices(exchange: Exchange, request, call: GenerationCall, inputs):
+    """call.n generations of one input, as StreamEnds (result, new tokens, finish reason, prompt tokens). Greedy
+    ones are the same every time: generated once. Sampled ones run as n requests with seeds seed, seed+1, ... (or
+    none), so that a seed still makes the whole answer reproducible while the choices differ."""
+    pipe = call.worker.pipe
+    if call.n == 1 or not pipe.generation_work(call.options).sampled:
+        return [await exchange.collect(request, call.worker, inputs, call.options)] * call.n
+    return await asyncio.gather(*(exchange.collect(request, call.worker, inputs, pipe.reseeded(call.options, j))
+                                  for j in range(call.n)))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -10,10 +10,11 @@ import uuid
 
 from starlette.responses import JSONResponse
 
+from onnxpipe.base import RequestInputs
+
 from .errors import RequestError
 from .exchange import sse
-from .openai_common import (OpenAIRoute, check_fields, choice_count, generate_choices, generation_worker,
-                            include_usage, now, pipeline_parameters, usage)
+from .openai_common import OpenAIRoute, generate_choices, now, open_generation, usage
 
 SUPPORTED_FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
                     "n", "echo", "user", "logprobs", "best_of", "presence_penalty", "frequency_penalty")
@@ -25,12 +26,10 @@ class Completions(OpenAIRoute):
 
     async def answer(self, request, body: dict):
         exchange = self.exchange
-        worker = generation_worker(exchange, body, needs_chat=False)
-        check_fields(body, SUPPORTED_FIELDS)
+        call = open_generation(exchange, body, needs_chat=False, fields=SUPPORTED_FIELDS,
+                               default_max_tokens=DEFAULT_MAX_TOKENS, return_full_text=False)
+        worker, options = call.worker, call.options
         prompts = _prompts(body.get("prompt"))
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError(422, "'stream' must be true or false")
         echo = body.get("echo", False)
         if not isinstance(echo, bool):
             raise RequestError(422, "'echo' must be true or false")
@@ -38,12 +37,12 @@ class Completions(OpenAIRoute):
             raise RequestError(422, "logprobs is not supported")
         if body.get("best_of") not in (None, 1):
             raise RequestError(422, "best_of is not supported (only 1)")
-        n, with_usage = choice_count(body, stream), include_usage(body, stream)
-        if stream and len(prompts) > 1:
+        if call.stream and len(prompts) > 1:
             raise RequestError(422, "a streamed completion takes one prompt")
-        params = {**pipeline_parameters(body, DEFAULT_MAX_TOKENS), "return_full_text": False}
-        options = exchange.check_parameters(worker, params)
-        checked = [await exchange.check_inputs(worker, p, options, where="prompt") for p in prompts]
+        # the prompts as one request: the server's budgets count all of them, times n
+        checked = await exchange.check_inputs(worker, body["prompt"], options, where="prompt", copies=call.n)
+        singles = [RequestInputs([item], False, None if checked.lengths is None else [checked.lengths[i]])
+                   for i, item in enumerate(checked.items)]
         completion_id, created, name = f"cmpl-{uuid.uuid4().hex}", now(), body["model"]
 
         def chunk(choices: list, **extra) -> dict:
@@ -53,7 +52,7 @@ class Completions(OpenAIRoute):
         def choice(index: int, text: str, reason) -> dict:
             return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 
-        if stream:
+        if call.stream:
             first = [echo]
 
             def render(piece: str) -> bytes:
@@ -63,19 +62,19 @@ class Completions(OpenAIRoute):
 
             def finish(end) -> list[bytes]:
                 events = [sse(chunk([choice(0, "", end.finish_reason)]))]
-                if with_usage:
+                if call.with_usage:
                     events.append(sse(chunk([], usage=usage(end.prompt_tokens, end.new_tokens))))
                 return events
 
-            return exchange.stream(worker, checked[0], options, render, finish)
+            return exchange.stream(worker, singles[0], options, render, finish)
 
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for i, inputs in enumerate(checked):
-            ends = await generate_choices(exchange, request, worker, inputs, params, n)
+        for i, inputs in enumerate(singles):
+            ends = await generate_choices(exchange, request, call, inputs)
             prompt_tokens += ends[0].prompt_tokens
             for j, end in enumerate(ends):
                 text = end.result[0]["generated_text"]
-                choices.append(choice(i * n + j, prompts[i] + text if echo else text, end.finish_reason))
+                choices.append(choice(i * call.n + j, prompts[i] + text if echo else text, end.finish_reason))
                 completion_tokens += end.new_tokens
         return JSONResponse({"id": completion_id, "object": "text_completion", "created": created, "model": name,
                              "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})

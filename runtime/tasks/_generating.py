@@ -66,4 +66,12 @@ class GeneratingPipeline(Pipeline):
     def generation_work(self, options: CallOptions) -> GenerationWork:
         config = options.forward["plan"].config
         new_tokens = config.max_new_tokens if config.max_new_tokens is not None else config.max_length
-        return GenerationWork(config.num_beams, config.num_return_sequences, new_tokens)
+        return GenerationWork(config.num_beams, config.num_return_sequences, new_tokens, bool(config.do_sample))
+
+    def reseeded(self, options: CallOptions, offset: int) -> CallOptions:
+        """The same call with its seed moved by `offset` (several sampled choices of one request that a seed still
+        reproduces); without an integer seed, unchanged: each run draws its own."""
+        seed = options.forward.get("seed")
+        if offset == 0 or isinstance(seed, bool) or not isinstance(seed, int):
+            return options
+        return replace(options, forward={**options.forward, "seed": seed + offset})

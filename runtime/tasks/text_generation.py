@@ -42,6 +42,8 @@ class Chat:
 class TextGenerationPipeline(GeneratingPipeline):
     task = "text-generation"
     model_tasks = ("text-generation",)
+    streams = True
+    input_description = "a prompt string, a chat (a list of {'role', 'content'} objects), or a list of those"
     default_generation = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 
     def __init__(self, model, **kwargs):
@@ -50,22 +52,17 @@ class TextGenerationPipeline(GeneratingPipeline):
 
     # --- public entry points ------------------------------------------------------------------------------------
 
-    streams = True
-    input_description = "a prompt string, a chat (a list of {'role', 'content'} objects), or a list of those"
-
     def run(self, text_inputs, options, *, batch_size=None, streamer=None):
         """Continue a prompt (str), several prompts (list of str), a chat (list of message dicts) or several chats.
         streamer: as the streamer option, for options checked without one."""
-        pre, fwd, post = options.preprocess, options.forward, options.postprocess
         if streamer is not None:
-            fwd = {**fwd, "streamer": _as_streamer(streamer, self.tokenizer)}
+            options = replace(options, forward={**options.forward, "streamer": _as_streamer(streamer, self.tokenizer)})
+        pre, fwd, post = options.preprocess, options.forward, options.postprocess
         if isinstance(text_inputs, (list, tuple)):
             if not text_inputs:
                 raise ValueError("text_inputs is an empty list: pass a prompt, a list of prompts or a chat")
             if isinstance(text_inputs[0], dict):
                 return self.run_single(Chat(text_inputs), pre, fwd, post)
-            if streamer is not None:
-                options = replace(options, forward=fwd)
             if isinstance(text_inputs[0], (list, tuple)):
                 return self.run_items([Chat(chat) for chat in text_inputs], options, batch_size)
             return self.run_items([_check_prompt(x, f"text_inputs[{i}]") for i, x in enumerate(text_inputs)],
