@@ -73,6 +73,9 @@ def export_model(
     int8_method: str = "auto",
     optimize: bool = False,
     attention: str = "gqa",
+    dtype: str = "fp32",
+    fp16_atol: float | None = None,
+    fp16_rtol: float | None = None,
     opset: int | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-4,
@@ -91,11 +94,19 @@ def export_model(
     checkpoint's own model code (refused unless True). hub_source: {"repo_id", "revision", "commit"} of a folder
     already downloaded, recorded in the manifest's source.
 
+    dtype: "fp32" (default), or "fp16" to also write `<name>.fp16.onnx` beside each fp32 graph (export/fp16.py:
+    float16 weights and activations, the KV cache float16, other inputs/outputs float32), checked against torch
+    fp32 within fp16_atol + fp16_rtol * max|output| per output (defaults FP16_ATOL / FP16_RTOL); the fp32 files stay
+    (the reference, and what CPU serving should use).
+
     Raises ExportError (a ValueError) with a one-line message on bad input or a
     failed validation; nothing is left at `out` in that case.
     """
     out = Path(out)
     precisions = _parse_quantize(quantize)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)} (fp16 is written beside "
+                          "the fp32 files)")
     if attention not in ATTENTION_KINDS:
         raise ExportError(f"--attention {attention!r} is not supported: use one of {', '.join(ATTENTION_KINDS)}")
     if weight_type.lower() not in WEIGHT_TYPES:
@@ -176,13 +187,15 @@ def export_model(
                 quantization["int4"] = {"method": "weight-only 4-bit blocks (MatMulNBits)", "block_size": 32,
                                         "symmetric": True, "accuracy_level": 4, "fidelity": fidelity}
                 _warn_if_poor("int4", fidelity)
+            fp16 = _export_fp16(model, tokenizer, task, tmp_out, roles, config, fp16_atol, fp16_rtol, validate) \
+                if dtype == "fp16" else None
             from .graph import externalize_weights
             for onnx_file in sorted(tmp_out.glob("*.onnx")):
                 externalize_weights(onnx_file)
             from .manifest import write_manifest
             write_manifest(tmp_out, task=task, config=config, tokenizer=tokenizer, model=model, roles=roles,
                            validation=validation, optimization=optimization, quantization=quantization,
-                           source=source, hf_dir=hf_dir, graph_edits=graph_edits)
+                           source=source, hf_dir=hf_dir, graph_edits=graph_edits, fp16=fp16)
             install_folder(tmp_out, out)
         except BaseException:
             shutil.rmtree(tmp_out, ignore_errors=True)
@@ -191,6 +204,36 @@ def export_model(
 
 
 QUANTIZE_CHOICES = ("int8", "int4")
+# --dtype: the float type of the graphs written besides quantized ones; fp16 adds *.fp16.onnx next to fp32
+DTYPES = ("fp32", "fp16")
+
+
+def _export_fp16(model, tokenizer, task, out: Path, roles: dict, config, atol, rtol, validate: bool = True) -> dict:
+    """Write and check the fp16 twins; return the manifest's fp16 section. A failed check is an ExportError, as
+    for fp32. What ONNX Runtime's CPU provider ran in float32 (no float16 kernel) is recorded and logged."""
+    from .fp16 import FP16_ATOL, FP16_RTOL, convert_fp16, cpu_float32_ops
+    from .validate import validate_fp16
+
+    atol = FP16_ATOL if atol is None else atol
+    rtol = FP16_RTOL if rtol is None else rtol
+    fp16_roles, info = convert_fp16(out, roles, config.model_type)
+    validation = validate_fp16(model, tokenizer, task, out, fp16_roles, atol=atol, rtol=rtol) if validate \
+        else {"passed": None, "skipped": True, "outputs": {}}
+    cpu_fp32 = {role: cpu_float32_ops(out / name) for role, name in fp16_roles.items()}
+    not_run = sorted({op for ops in cpu_fp32.values() for op in ops})
+    note = ("checked on ONNX Runtime's CPU provider, which has no float16 kernel for "
+            f"{', '.join(not_run)}: it computed those in float32 between float16 tensors, so these figures are the "
+            "float16 weights' and stored activations' error, not float16 arithmetic's; the CUDA provider's float16 "
+            "kernels were not run here") if not_run else "every op ran in float16 on ONNX Runtime's CPU provider"
+    log.warning("fp16: %s", note)
+    if validate and not validation["passed"]:
+        role, name, worst = max(((r, n, e) for r, outs in validation["outputs"].items() for n, e in outs.items()),
+                                key=lambda t: t[2]["max_abs_diff"] / max(t[2]["tolerance"], 1e-30))
+        raise ExportError(f"fp16 validation failed: {role}/{name} differs from torch fp32 by {worst['max_abs_diff']:.3g} "
+                          f"> tolerance {worst['tolerance']:.3g}; this model may overflow float16 (export without "
+                          "--dtype fp16), or pass export_model(fp16_atol=..., fp16_rtol=...) if it is known to be less exact")
+    return {**info, "validation": validation, "cpu_float32_ops": cpu_fp32, "not_run_in_float16": not_run,
+            "note": note}
 
 
 def _parse_quantize(quantize) -> list[str]:

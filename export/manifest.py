@@ -15,10 +15,10 @@ MANIFEST_NAME = "onnxpipe.json"
 
 
 def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validation, optimization, quantization,
-                   source, hf_dir, graph_edits=None) -> dict:
+                   source, hf_dir, graph_edits=None, fp16=None) -> dict:
     files = {role: {"fp32": file_entry(out, name)} for role, name in roles.items()}
     for role, name in roles.items():
-        for precision in ("int8", "int4"):
+        for precision in ("int8", "int4", "fp16"):
             q = out / name.replace(".onnx", f".{precision}.onnx")
             if q.exists():
                 files[role][precision] = file_entry(out, q.name)
@@ -53,6 +53,9 @@ def write_manifest(out: Path, *, task, config, tokenizer, model, roles, validati
         "sentence_embedding": sentence_embedding_section(task, Path(hf_dir)),
         "optimization": optimization,
         "quantization": quantization or None,
+        # --dtype fp16: how the *.fp16.onnx files were made (their KV cache dtype, the float32 inputs/outputs), their
+        # validation against torch fp32 with per-output tolerances, and what the CPU provider did not run in float16
+        "fp16": fp16,
         "validation": validation,
         "versions": versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -64,6 +64,38 @@ def measure_fidelity(model, tokenizer, task, out_dir, roles) -> dict:
     return fidelity
 
 
+def validate_fp16(model, tokenizer, task, out_dir, roles, atol, rtol) -> dict:
+    """The fp16 files against torch fp32, per role and output over every sample case (prefill and cached decode
+    steps for decoders): max abs diff over real positions, its tolerance atol + rtol * max|output| (the largest
+    reference value of any case), and for logits the top-1 agreement. The KV cache (float16) is compared too;
+    the LM-head-only-at-the-last-position runs (logits_to_keep=1) are left out: they repeat the logits case."""
+    by_index = task == "text-generation" and _keys_rotated_by_index(out_dir / roles["model"])
+    outputs: dict = {}
+    agreement: dict = {}
+    for role, case, name, ref, got, mask in _compare_cases(model, tokenizer, task, out_dir, roles, by_index):
+        if "logits_to_keep" in case:
+            continue
+        got = np.asarray(got, dtype=np.float32)
+        entry = outputs.setdefault(role, {}).setdefault(name, {"max_abs_diff": 0.0, "max_abs_ref": 0.0})
+        diff = _masked_max_abs_diff(ref, got, mask)
+        entry["max_abs_diff"] = max(entry["max_abs_diff"], float("inf") if np.isnan(diff) else diff)  # NaN: overflow
+        if ref.size:
+            entry["max_abs_ref"] = max(entry["max_abs_ref"], float(np.max(np.abs(_masked_rows(ref, mask)))))
+        if "logits" in name:
+            same = np.argmax(_masked_rows(ref, mask), -1) == np.argmax(_masked_rows(got, mask), -1)
+            counts = agreement.setdefault((role, name), [0, 0])
+            counts[0] += int(same.sum())
+            counts[1] += int(same.size)
+            entry["top1_agreement"] = counts[0] / counts[1]
+    for per_role in outputs.values():
+        for entry in per_role.values():
+            entry["tolerance"] = atol + rtol * entry["max_abs_ref"]
+            # NaN (an overflow) compares False: it fails
+            entry["passed"] = bool(entry["max_abs_diff"] <= entry["tolerance"])
+    passed = all(e["passed"] for per_role in outputs.values() for e in per_role.values())
+    return {"passed": passed, "reference": "torch float32", "atol": atol, "rtol": rtol, "outputs": outputs}
+
+
 def is_poor(entry: dict) -> bool:
     """The thresholds below which an int8 export gets a warning."""
     return (entry.get("top1_agreement", 1.0) < 0.9 or entry.get("mean_cosine", 1.0) < 0.98

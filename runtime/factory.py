@@ -20,7 +20,8 @@ def pipeline(task: str | None = None, model=None, *, device=None, precision: str
     (Optimum's or transformers.js's layout) is imported without torch, a PyTorch checkpoint is exported on first use
     (the `export` extra; trust_remote_code=True to run its own code); all cached (see onnxpipe.hub). None takes the
     task's default (see onnxpipe.models.default_model_dir). device: 'cpu' (default), 'cuda' or 'cuda:N'.
-    precision: 'fp32' or 'int8' (needs an export with --quantize int8).
+    precision: 'fp32', 'int8' / 'int4' (an export with --quantize int8 / int4) or 'fp16' (an export with
+    --dtype fp16; for device='cuda': on CPU it runs emulated, slower than fp32, with a warning).
     session_cache: where CPU sessions keep the graph as ONNX Runtime optimized it for this CPU, weights
     pre-packed, so later loads skip both (faster cold start; see Session). None (default): $ONNXPIPE_SESSION_CACHE
     if set (a folder, or "off"), else ~/.cache/onnxpipe/sessions for graphs of 32 MiB or more; a folder; False: off.

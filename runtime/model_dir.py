@@ -11,7 +11,9 @@ from .tokenizer import Tokenizer
 
 MANIFEST_NAME = "onnxpipe.json"
 SUPPORTED_FORMAT = 1
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "int8", "int4", "fp16")
+# How each precision's files are made, for the message when a folder lacks them
+_EXPORT_FLAG = {"int8": "--quantize int8", "int4": "--quantize int4", "fp16": "--dtype fp16"}
 
 
 class ModelDir:
@@ -32,7 +34,7 @@ class ModelDir:
         missing = [role for role, files in self.manifest["files"].items() if precision not in files]
         if missing:
             raise ValueError(f"model dir '{self.path}' has no {precision} file for {', '.join(missing)}: "
-                             f"export it with --quantize {precision}, or use precision='fp32'")
+                             f"export it with {_EXPORT_FLAG.get(precision, precision)}, or use precision='fp32'")
         self.precision = precision
         self.session_config = SessionConfig.of(session_config, device=device, intra_op_num_threads=intra_op_num_threads,
                                                inter_op_num_threads=inter_op_num_threads,
@@ -62,17 +64,32 @@ class ModelDir:
                 raise ValueError(f"model dir '{self.path}' has no '{role}' graph (it has: {', '.join(self.roles)})")
             session = Session(self.path / entry[self.precision]["path"], self.session_config)
             fused = ((self.manifest.get("optimization") or {}).get("fused_ops") or {}).get("GroupQueryAttention")
-            if session.device == "cuda" and fused:
+            if session.device == "cuda" and fused and self.precision != "fp16":
                 Session._warn_once(f"onnxpipe: {self.path.name} was exported with --attention gqa (com.microsoft "
                                    "GroupQueryAttention, the fastest on CPU), which ONNX Runtime's CUDA provider runs in "
                                    "float16 only: its attention nodes run on the CPU, with copies of the KV cache every "
-                                   "step; for CUDA serving export with --attention onnx", stacklevel=3)
+                                   "step; for CUDA serving use precision='fp16' (export with --dtype fp16) or export "
+                                   "with --attention onnx", stacklevel=3)
+            if session.device == "cpu" and self.precision == "fp16":
+                Session._warn_once(fp16_on_cpu_message(self.path, self.manifest), stacklevel=3)
             self._sessions[role] = session
         return self._sessions[role]
 
     def __repr__(self) -> str:
         return (f"ModelDir({str(self.path)!r}, task={self.task!r}, precision={self.precision!r}, "
                 f"device={self.session_config.device!r})")
+
+
+def fp16_on_cpu_message(path: Path, manifest: dict) -> str:
+    """The warning for an fp16 graph run by the CPU provider (asked for, or after a CUDA fallback). It runs (ONNX
+    Runtime casts to float32 around the ops without a float16 kernel), so it is not refused, but it gains nothing:
+    MiniLM-L6 b1 L128 on one thread here was 2-5% slower than fp32, with fp16's rounding (README "fp16 and CUDA")."""
+    ops = (manifest.get("fp16") or {}).get("not_run_in_float16") or []
+    which = f" ({', '.join(ops)} in this model)" if ops else ""
+    return (f"onnxpipe: precision='fp16' on CPU: ONNX Runtime's CPU provider has no float16 kernel for most compute "
+            f"ops{which}; it casts around them and computes in float32, so {path.name}'s fp16 graph runs no faster "
+            "than its fp32 one, with float16's rounding. fp16 is for device='cuda'; on CPU use precision='fp32' or "
+            "'int8'")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

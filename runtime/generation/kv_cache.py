@@ -32,6 +32,20 @@ def present_name(past_name: str) -> str:
     return "present." + past_name[len("past_key_values."):]
 
 
+# ONNX Runtime's input type names -> numpy dtypes, for the cache the graph takes
+_ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def cache_dtype(session, past_name: str, kv_cache: dict) -> np.dtype:
+    """The cache's element type as the session's graph takes it: the manifest's kv_cache.dtype describes the fp32
+    graph, and an fp16 export's *.fp16.onnx takes (and returns) a float16 cache."""
+    arg = (getattr(session, "inputs", None) or {}).get(past_name)
+    ort_type = getattr(arg, "type", None)
+    if ort_type in _ORT_FLOAT_TYPES:
+        return np.dtype(_ORT_FLOAT_TYPES[ort_type])
+    return np.dtype(kv_cache.get("dtype") or "float32")
+
+
 def position_ids_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     """As transformers' prepare_inputs_for_generation: cumsum - 1, padded positions set to 1."""
     position_ids = np.cumsum(attention_mask, axis=-1, dtype=np.int64) - 1
@@ -150,7 +164,7 @@ class DecoderStepper:
         self.session = session
         self.past_names = list(kv_cache["past_names"])
         self.present_names = [present_name(n) for n in self.past_names]
-        self.dtype = np.dtype(kv_cache.get("dtype") or "float32")
+        self.dtype = cache_dtype(session, self.past_names[0], kv_cache)
         self.num_kv_heads = int(kv_cache["num_kv_heads"])
         self.head_dim = int(kv_cache["head_dim"])
         self.step_input_lengths: list[int] = []
@@ -230,7 +244,7 @@ class Seq2SeqStepper:
         past = list(kv_cache["past_names"])
         self.self_past = [n for n in past if ".encoder." not in n]
         self.cross_past = [n for n in past if ".encoder." in n]
-        self.dtype = np.dtype(kv_cache.get("dtype") or "float32")
+        self.dtype = cache_dtype(self.decoder_with_past.session, past[0], kv_cache)
         self.heads = {"self": int(kv_cache["num_kv_heads"]),
                       "cross": int(kv_cache.get("encoder_num_kv_heads") or kv_cache["num_kv_heads"])}
         self.head_dim = int(kv_cache["head_dim"])
