@@ -101,8 +101,11 @@ async def load(url: str, texts: list[str], *, concurrency: int, requests: int, t
     issued = 0
     bodies = [json.dumps({"inputs": t}).encode() for t in texts]
     before = await _batch_counts(url)
-    host, port = url.split("//")[1].split(":")
-    clients = [await Connection.open(host, int(port)) for _ in range(concurrency)]
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)  # a path after the port is a route prefix (an app on Ray Serve)
+    path = parts.path.rstrip("/") + "/v1/models/bench"
+    clients = [await Connection.open(parts.hostname, parts.port) for _ in range(concurrency)]
     start = time.perf_counter()
     deadline = start + time_limit
 
@@ -112,7 +115,7 @@ async def load(url: str, texts: list[str], *, concurrency: int, requests: int, t
             body = bodies[issued % len(bodies)]
             issued += 1
             t0 = time.perf_counter()
-            status = await conn.post("/v1/models/bench", body)
+            status = await conn.post(path, body)
             latencies.append(time.perf_counter() - t0)
             statuses[status] = statuses.get(status, 0) + 1
 

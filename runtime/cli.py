@@ -1,4 +1,4 @@
-"""The `onnxpipe` command: export, run, models, serve."""
+"""The `onnxpipe` command: export, import, run, models, build, serve, batch."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--attention", choices=["gqa", "onnx"], default="gqa",
                     help="decoders with --optimize: com.microsoft GroupQueryAttention (fastest on CPU; its CUDA kernel "
                          "is float16-only) or ONNX Attention + RotaryEmbedding, opset 23 (for CUDA serving)")
+    ex.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                    help="fp16: also write *.fp16.onnx (float16 weights and activations, float16 KV cache) beside the "
+                         "fp32 files, checked against torch fp32; for CUDA serving (pipeline(..., precision='fp16'))")
     ex.add_argument("--opset", type=int, default=None)
     ex.add_argument("--atol", type=float, default=1e-4, help="validation: absolute tolerance (default 1e-4)")
     ex.add_argument("--rtol", type=float, default=1e-4, help="validation: tolerance relative to the output's max |value|")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("texts", nargs="+")
     run.add_argument("--model", default=None, help="model folder or Hub id ORG/NAME (default: the task's default)")
     run.add_argument("--device", default="cpu")
-    run.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"])
+    run.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4", "fp16"])
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                      help="pipeline option, value parsed as JSON when it can be (e.g. -o top_k=3)")
 
@@ -78,13 +81,41 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    sv.add_argument("--ray", action="store_true", help="serve on Ray Serve (the `ray` extra): the same HTTP API from "
+                    "replicas that may sit on several nodes; every node needs the model folders at the same path")
+    sv.add_argument("--address", default=None, help="--ray: the Ray cluster to join (auto, HOST:PORT or ray://...; "
+                    "default: a Ray started here for this server)")
+    sv.add_argument("--replicas", type=int, default=1, help="--ray: replicas of the app (default 1)")
+    sv.add_argument("--cpus-per-replica", type=float, default=1, help="--ray: CPUs per replica, also its ONNX Runtime "
+                    "threads unless --threads is given (default 1)")
+    sv.add_argument("--print-config", action="store_true", help="--ray: print the Serve config file (for `serve "
+                    "deploy` or a KubeRay RayService's serveConfigV2) instead of serving")
     _server_options(sv)
+
+    bt = sub.add_parser("batch", help="label every row of a JSONL, CSV or Parquet file into a new file (with an "
+                        "`output` and an `error` column), in this process or on Ray")
+    bt.add_argument("model", help="model folder")
+    bt.add_argument("input", help="input file: .jsonl, .csv or .parquet")
+    bt.add_argument("output", help="output file (any of those; written only when complete)")
+    bt.add_argument("--column", default="text", help="the column holding each row's input (default: text)")
+    bt.add_argument("--task", default=None, help="the pipeline (default: the model's task)")
+    bt.add_argument("--precision", default="fp32", help="fp32, int8, int4 or fp16 (the export's files)")
+    bt.add_argument("--device", default=None)
+    bt.add_argument("--batch-size", type=int, default=64, help="rows per pipeline call (default 64)")
+    bt.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                    help="pipeline option, value parsed as JSON when it can be (e.g. -o top_k=2)")
+    bt.add_argument("--ray-address", default=None, help="label on Ray Data actors: `local` (a Ray started for the job), "
+                    "auto, HOST:PORT or ray://...; default: this process")
+    bt.add_argument("--actors", type=int, default=2, help="--ray-address: labelling actors (default 2)")
+    bt.add_argument("--cpus-per-actor", type=float, default=1, help="--ray-address: CPUs (and ONNX Runtime threads) "
+                    "per actor (default 1)")
+    bt.add_argument("--quiet", action="store_true", help="no progress line")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"export": _export, "import": _import, "run": _run, "models": _models, "build": _build,
-                "serve": _serve}[args.command](args)
+                "serve": _serve, "batch": _batch}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"onnxpipe {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -98,7 +129,7 @@ def _export(args) -> int:
     out = export_model(args.checkpoint, args.out, args.task, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, quantize=args.quantize, weight_type=args.weight_type,
                        per_channel=args.per_channel, reduce_range=args.reduce_range, int8_method=args.int8_method,
-                       optimize=args.optimize, attention=args.attention,
+                       optimize=args.optimize, attention=args.attention, dtype=args.dtype,
                        opset=args.opset, atol=args.atol, rtol=args.rtol, validate=not args.no_validate)
     manifest = json.loads((out / "onnxpipe.json").read_text())
     v = manifest["validation"]
@@ -144,18 +175,10 @@ def _run(args) -> int:
     pipe = pipeline(args.task, model=args.model, device=args.device, precision=args.precision)
     opts = _parse_options(args.option)
     inputs = args.texts if len(args.texts) > 1 else args.texts[0]
-    print(json.dumps(pipe(inputs, **opts), ensure_ascii=False, indent=2, default=_np_default))
+    from onnxpipe.results_json import result_json
+
+    print(result_json(pipe(inputs, **opts), indent=2))
     return 0
-
-
-def _np_default(o):
-    import numpy as np
-
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 def _models(args) -> int:
@@ -199,11 +222,50 @@ def _serve(args) -> int:
     except ImportError as e:
         raise ValueError(f"serve needs the server extra ({e.name} is missing): pip install 'onnxpipe[server]'") from None
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
+    if args.ray:
+        return _serve_on_ray(args, options)
     from onnxpipe.hub import resolve_serve_specs
 
     # Hub ids become local folders here: the server reads model folders only
     models = resolve_serve_specs(args.model, precision=getattr(args, "precision", None) or "fp32")
     serve(models, host=args.host, port=args.port, access_log=args.access_log, **options)
+    return 0
+
+
+def _serve_on_ray(args, options: dict) -> int:
+    import dataclasses
+
+    from onnxpipe.server.config import ServerConfig
+
+    try:
+        from onnxpipe import ray as onnxpipe_ray
+
+        onnxpipe_ray.deployment  # noqa: B018 - imports Ray: a clear message now if it is missing
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    # only the settings given on the command line travel: a Serve config file stays short and readable
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    changed = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items() if v != defaults[k]
+               and not (k == "allowed_origins" and not v)}
+    deployment_args = {"num_cpus": args.cpus_per_replica, **changed}
+    if args.print_config:
+        print(onnxpipe_ray.serve_config(args.model, host=args.host, port=args.port, num_replicas=args.replicas,
+                                        **deployment_args), end="")
+        return 0
+    onnxpipe_ray.run_server(args.model, host=args.host, port=args.port, address=args.address,
+                            replicas=args.replicas, **deployment_args)
+    return 0
+
+
+def _batch(args) -> int:
+    from onnxpipe.batch_job import run_batch
+
+    counts = run_batch(args.model, args.input, args.output, args.column, task=args.task, precision=args.precision,
+                       device=args.device, batch_size=args.batch_size, parameters=_parse_options(args.option),
+                       ray_address=args.ray_address, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+                       progress=not args.quiet)
+    print(f"{args.output}: {counts['rows']} rows, {counts['labelled']} labelled, {counts['errors']} with an error "
+          f"(see its `error` column), in {counts['seconds']:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from onnxpipe.task_table import SUPPORTED_TASKS
 
-FORBIDDEN = ("torch", "transformers", "optimum", "onnx")  # exact names: onnxruntime is the point
+# exact names: onnxruntime is the point. Ray (and pyarrow, which it brings) only when onnxpipe.ray's API is used.
+FORBIDDEN = ("torch", "transformers", "optimum", "onnx", "ray", "pyarrow")
 # task -> (tiny architecture, the export task its model dir is built for)
 TINY_MODEL = {
     "text-classification": ("bert", "text-classification"),
@@ -50,6 +51,7 @@ for task, path in dirs.items():
         report["results"][task] = {"ok": bool(out), "repr": repr(out)[:200]}
     except Exception as e:
         report["results"][task] = {"ok": False, "repr": f"{type(e).__name__}: {e}"[:500]}
+import onnxpipe.batch_job, onnxpipe.ray  # the single-process batch job and the Ray package's face import no Ray
 report["modules"] = sorted(m for m in sys.modules if m in %r)
 print(json.dumps(report))
 """ % (FORBIDDEN,)

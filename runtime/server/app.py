@@ -80,19 +80,27 @@ def serve(models, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int
         raise ValueError(app.state.onnxpipe.load_error)
 
 
-def create_app(models, config: ServerConfig | None = None) -> Starlette:
-    """The ASGI app for `models` ("DIR", "NAME=DIR" or "NAME=DIR@TASK"); models load in the background."""
+def create_app(models, config: ServerConfig | None = None, *, load_in_startup: bool = False) -> Starlette:
+    """The ASGI app for `models` ("DIR", "NAME=DIR" or "NAME=DIR@TASK"). Models load in the background while /ready
+    answers 503; with load_in_startup, the app's startup waits for them and fails if one cannot load (a host that
+    routes traffic only to started apps, such as a Ray Serve replica)."""
     config = config or ServerConfig()
     metrics = Metrics()
     # How a failed load stops the server; serve() replaces it with uvicorn's own flag.
-    pool = ModelPool(parse_model_specs(models), config, metrics, stop_server=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    stop = (lambda: None) if load_in_startup else (lambda: os.kill(os.getpid(), signal.SIGTERM))
+    pool = ModelPool(parse_model_specs(models), config, metrics, stop_server=stop)
     exchange = Exchange(pool, config, metrics)
     native = NativeRoutes(exchange)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         exchange.loop = asyncio.get_running_loop()
-        threading.Thread(target=pool.load, name="onnxpipe-load", daemon=True).start()
+        if load_in_startup:
+            await asyncio.to_thread(pool.load)
+            if pool.load_error is not None:
+                raise RuntimeError(pool.load_error)
+        else:
+            threading.Thread(target=pool.load, name="onnxpipe-load", daemon=True).start()
         yield
         pool.begin_drain()
         await asyncio.to_thread(pool.close)

@@ -13,7 +13,6 @@ went away is marked cancelled and skipped if it has not started; a stream stops 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from onnxpipe.base import CallOptions, RequestInputs
 from onnxpipe.cancel import Cancelled, cancel_when
 from onnxpipe.errors import ModelOutputError, ModelRunError
+from onnxpipe.results_json import encode_json
 
 from .errors import RequestError
 
@@ -103,6 +103,11 @@ class ModelWorker:
     def start(self) -> None:
         for t in self._threads:
             t.start()
+
+    @property
+    def alive(self) -> bool:
+        """Every worker thread runs (a host that replaces broken replicas, such as Ray Serve, asks)."""
+        return all(t.is_alive() for t in self._threads)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -330,17 +335,6 @@ class _StreamTap:
         self.prompt_tokens = tokens
 
 
-def encode_json(result) -> bytes:
-    """Compact UTF-8 JSON; numpy arrays and scalars become lists and numbers. NaN and infinity are not JSON: a
-    result holding them (a broken model) is a ModelOutputError, never a body a client cannot parse."""
-    try:
-        text = json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=_np_default, allow_nan=False)
-    except ValueError:
-        raise ModelOutputError("the model's output holds NaN or infinite values: its weights or export are broken "
-                               "(export it again, and check the checkpoint)") from None
-    return text.encode("utf-8")
-
-
 def failure(name: str, e: Exception, what: str) -> RequestError:
     """A 500 for a fault that is not the client's: the model's own (said as it is) or an unexpected one (logged)."""
     if isinstance(e, (ModelOutputError, ModelRunError)):
@@ -349,10 +343,3 @@ def failure(name: str, e: Exception, what: str) -> RequestError:
     log.exception("model %s: %s failed", name, what)
     return RequestError(500, f"inference failed: {type(e).__name__}: {str(e)[:300]}")
 
-
-def _np_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"cannot encode {type(o).__name__} as JSON")

@@ -22,7 +22,7 @@ class ServerConfig:
     max_queue: int = _option(64, "--max-queue", "requests waiting per model before 503")
     request_timeout_s: float = _option(30.0, "--timeout", "seconds a request may take before 504; its work stops then")
     max_body_bytes: int = _option(1 << 20, "--max-body-bytes", "larger request bodies get 413")
-    precision: str = _option("fp32", "--precision", "fp32, int8 or int4 (the export's files)")
+    precision: str = _option("fp32", "--precision", "fp32, int8, int4 or fp16 (the export's files)")
     device: str = _option("cpu", "--device", "cpu, cuda or cuda:N")
     intra_op_num_threads: int | None = _option(None, "--threads", "ONNX Runtime intra-op threads per session "
                                                "(default: ONNX Runtime's; capped at the CPU count)")

@@ -14,8 +14,9 @@ import time
 import numpy as np
 
 from onnxpipe.generation.engine import GenerationEngine
+from onnxpipe.results_json import encode_json
 
-from .batching import Job, ModelWorker, StreamEnd, encode_json, failure, text_pieces
+from .batching import Job, ModelWorker, StreamEnd, failure, text_pieces
 from .errors import RequestError
 
 log = logging.getLogger("onnxpipe.server")

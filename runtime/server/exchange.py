@@ -12,8 +12,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from onnxpipe.base import CallOptions, RequestInputs
+from onnxpipe.results_json import encode_json
 
-from .batching import Job, ModelWorker, StreamEnd, encode_json
+from .batching import Job, ModelWorker, StreamEnd
 from .errors import RequestError
 from .pool import ModelPool
 

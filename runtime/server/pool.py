@@ -32,14 +32,9 @@ def parse_model_specs(models) -> dict[str, ModelSpec]:
         models = [models]
     specs: dict[str, ModelSpec] = {}
     for spec in models:
-        spec = str(spec)
-        rest, task = spec, None
-        if "@" in spec and not os.path.isdir(spec):
-            rest, _, task = spec.rpartition("@")
+        name, path, task = split_model_spec(spec)
+        if task is not None:
             normalize_task(task)  # a clear ValueError for an unknown task
-        name, sep, path = rest.partition("=")
-        if not sep or os.path.isdir(rest):
-            name, path = Path(rest).resolve().name, rest
         if not name or "/" in name:
             raise ValueError(f"--model {spec!r}: a model name must be non-empty and without '/'")
         if name in specs:
@@ -49,6 +44,19 @@ def parse_model_specs(models) -> dict[str, ModelSpec]:
     if not specs:
         raise ValueError("serve needs at least one --model DIR")
     return specs
+
+
+def split_model_spec(spec) -> tuple[str, str, str | None]:
+    """"DIR", "NAME=DIR" or "NAME=DIR@TASK" -> (name, folder, task or None); a folder whose own name holds '=' or
+    '@' is taken whole."""
+    spec = str(spec)
+    rest, task = spec, None
+    if "@" in spec and not os.path.isdir(spec):
+        rest, _, task = spec.rpartition("@")
+    name, sep, path = rest.partition("=")
+    if not sep or os.path.isdir(rest):
+        name, path = Path(rest).resolve().name, rest
+    return name, path, task
 
 
 class ModelPool:
