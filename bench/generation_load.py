@@ -4,9 +4,12 @@
     python -m bench.serve_load --generation                       # SmolLM2 fp32 and int8, 1/4/8/16 clients
     python -m bench.serve_load --generation --model DIR --precisions fp32 --clients 1,8
 
-Each client streams chat completions (SSE) one after another (closed loop), each asking for --new-tokens
-tokens with greedy decoding and a stop string that never occurs, so every request decodes the same number of
-tokens. Per (precision, clients): aggregate tokens/s over the run, each stream's tokens/s (from its first token
+Each client streams chat completions (SSE) one after another (closed loop), with greedy decoding and a stop
+string that never occurs, so each request decodes exactly its max_tokens: --new-tokens on average, spread by
+--length-spread (default 0.5: uniform in 24..72 for 48, the same draws for every server, seeded by the
+request's index). With --length-spread 0 every request decodes the same count, so closed-loop clients stay in
+lockstep: they finish at the same step and all ask again at once, and each new request waits for the prefill of
+every other (the worst case for time to first token, not what independent users do). Per (precision, clients): aggregate tokens/s over the run, each stream's tokens/s (from its first token
 to its last), time to first token p50/p99; the two servers' runs alternate. Bounded: --requests per run, and
 a time limit. Targets (issue 20), at 8 clients against 1: aggregate tokens/s >= 4x, per-stream tokens/s >= 50%,
 time to first token p50 <= 2x. Writes bench/results/serve_generation.json and .md.
@@ -35,7 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="text-generation model folder (default: SmolLM2, the built-in default)")
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--clients", default="1,4,8,16")
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=48, help="max_tokens of a request, on average")
+    ap.add_argument("--length-spread", type=float, default=0.5,
+                    help="max_tokens drawn uniformly in new_tokens x [1 - spread, 1 + spread] (0: all the same)")
     ap.add_argument("--requests", type=int, default=0,
                     help="requests per run (default: 6 per client: the first burst, when every client asks at once, "
                          "is then a sixth of the run rather than its median)")
@@ -54,12 +59,12 @@ def main(argv=None) -> int:
             servers = {mode: stack.enter_context(Server(model, [*mode_flags, *flags]))
                        for mode, mode_flags in MODES.items()}
             for srv in servers.values():  # warm-up, not counted
-                asyncio.run(load(srv.url, 2, 2, 8, 60))
+                asyncio.run(load(srv.url, 2, 2, 8, 60, 0.0))
             for c in clients:
                 requests = args.requests or 6 * c
                 for i, mode in enumerate(MODES if c % 2 == 0 else list(MODES)[::-1]):
                     stats = summarize(asyncio.run(load(servers[mode].url, c, requests, args.new_tokens,
-                                                       args.time_limit)))
+                                                       args.time_limit, args.length_spread)))
                     stats.update(precision=precision, mode=mode, clients=c)
                     runs.append(stats)
                     print(f"{precision} {mode:6} clients {c:2}: {stats['aggregate_tokens_per_s']:7.1f} tok/s, "
@@ -67,12 +72,21 @@ def main(argv=None) -> int:
                           f"{stats['ttft_p50_ms']:7.1f} ms p99 {stats['ttft_p99_ms']:7.1f} ms "
                           f"({stats['completed']} requests)", flush=True)
     report = {"model": str(model), "machine": machine(load_before, os.getloadavg()), "new_tokens": args.new_tokens,
-              "runs": runs, "targets": targets(runs)}
+              "length_spread": args.length_spread, "runs": runs, "targets": targets(runs)}
     write_report(Path(args.out), report, markdown(report))
     return 0
 
 
-async def load(url: str, concurrency: int, requests: int, new_tokens: int, time_limit: float) -> list[dict]:
+def max_tokens(index: int, new_tokens: int, spread: float) -> int:
+    """The index-th request's max_tokens: the same for every server and run."""
+    import random
+
+    u = random.Random(index).random()
+    return max(1, round(new_tokens * (1 - spread + 2 * spread * u)))
+
+
+async def load(url: str, concurrency: int, requests: int, new_tokens: int, time_limit: float,
+               spread: float) -> list[dict]:
     """Closed loop of streamed chat completions; one record per finished request."""
     import httpx
 
@@ -84,8 +98,9 @@ async def load(url: str, concurrency: int, requests: int, new_tokens: int, time_
         nonlocal issued
         while issued < requests and time.perf_counter() < deadline:
             prompt = PROMPTS[issued % len(PROMPTS)]
+            wanted = max_tokens(issued, new_tokens, spread)
             issued += 1
-            body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
+            body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": wanted,
                     "temperature": 0, "stop": ["\u2603never\u2603"], "stream": True,
                     "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
@@ -148,7 +163,9 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# Generation under concurrent streaming clients ({Path(report['model']).name})", "",
              f"{m.get('cpu_model', '')}, {m['cpus']} CPUs (client and server share them); {report['new_tokens']} new "
-             f"tokens per request, greedy; load average {m['loadavg_1m_before']} -> {m['loadavg_1m_after']}. after: "
+             f"tokens per request on average (spread {report.get('length_spread', 0)}: "
+             f"{'all the same, clients in lockstep' if not report.get('length_spread') else 'mixed lengths'}), "
+             f"greedy; load average {m['loadavg_1m_before']} -> {m['loadavg_1m_after']}. after: "
              "continuous batching (--max-running 16); before: one request at a time (--max-running 0).", "",
              "| precision | server | clients | aggregate tok/s | per-stream tok/s (p50) | TTFT p50 (ms) | TTFT p99 (ms) | requests |",
              "|---|---|---|---|---|---|---|---|"]

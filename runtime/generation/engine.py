@@ -8,8 +8,10 @@
             ...
 
 Decoding is bound by reading the weights, so a step for 8 sequences costs little more than for one. At each
-step the running sequences decode one token together; requests added since join at the step's end (their
-prompt prefilled alone, its cache then merged into the batch's, left-padded to the batch's length); finished
+step the running sequences decode one token together, or, when requests are waiting and there is room, those
+join instead (their prompts prefilled together, their first tokens returned at once, their cache then merged into
+the batch's, left-padded to the batch's length): a newcomer's first token does not wait for a decode step of
+the others, and a prefill step is always followed by a decode step, so arrivals cannot stall the running; finished
 or aborted sequences leave at once, their rows dropped from the cache (and leading columns that only padding
 uses trimmed). Each request keeps its own options, processors, stopping rules and random generator, applied to
 its own row, exactly as a request served alone: its greedy tokens are the same (up to the float rounding that
@@ -78,6 +80,7 @@ class GenerationEngine:
         self.running: list[_Sequence] = []
         self._batch: DecoderStepper | None = None   # the running sequences' cache and attention mask, row by row
         self._ids: set = set()
+        self._prefilled_last = False                  # the last step joined requests: the next one decodes
 
     # -- the public loop ------------------------------------------------------------------------------------------
 
@@ -122,27 +125,32 @@ class GenerationEngine:
         return bool(self.waiting or self.running)
 
     def step(self) -> list[RequestOutput]:
-        """One decode step for every running sequence, then the waiting ones joined (their first token); returns
-        what each produced. Finished and aborted sequences have left when it returns."""
+        """One step: the waiting requests join (prefilled together; their first tokens) when there is room and the
+        last step was not a join already; else one decode step for every running sequence. Returns what each
+        request produced; finished and aborted sequences have left when it returns."""
         outputs: list[RequestOutput] = []
         self._leave([s for s in self.running if s.aborted], outputs)
-        if self.running:
+        join = self.waiting and len(self.running) < self.max_running and not (self.running and self._prefilled_last)
+        self._prefilled_last = False
+        if join:
+            joining = []
+            while self.waiting and len(self.running) + len(joining) < self.max_running:
+                seq = self.waiting.popleft()
+                if seq.aborted:
+                    self._ids.discard(seq.request_id)
+                    outputs.append(RequestOutput(seq.request_id, [], [], True, "aborted", seq.prompt_len))
+                else:
+                    joining.append(seq)
+            if joining:
+                self._prefill(joining, outputs)
+                self._prefilled_last = True
+        elif self.running:
             cancel.check()
             last = np.array([seq.ids[0, -1] for seq in self.running], dtype=np.int64)
             logits = self._batch.step(last)
             _check_logits(logits, len(self.running[0].generated))
             for row, seq in enumerate(self.running):
                 self._advance(seq, logits[row:row + 1], outputs)
-        joining = []
-        while self.waiting and len(self.running) + len(joining) < self.max_running:
-            seq = self.waiting.popleft()
-            if seq.aborted:
-                self._ids.discard(seq.request_id)
-                outputs.append(RequestOutput(seq.request_id, [], [], True, "aborted", seq.prompt_len))
-            else:
-                joining.append(seq)
-        if joining:
-            self._prefill(joining, outputs)
         self._leave([s for s in self.running if s.finished], outputs, already_reported=True)
         return outputs
 
