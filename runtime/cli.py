@@ -224,11 +224,7 @@ def _serve(args) -> int:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)}
     if args.ray:
         return _serve_on_ray(args, options)
-    from onnxpipe.hub import resolve_serve_specs
-
-    # Hub ids become local folders here: the server reads model folders only
-    models = resolve_serve_specs(args.model, precision=getattr(args, "precision", None) or "fp32")
-    serve(models, host=args.host, port=args.port, access_log=args.access_log, **options)
+    serve(args.model, host=args.host, port=args.port, access_log=args.access_log, **options)
     return 0
 
 

@@ -123,19 +123,16 @@ def import_repo(repo_id: str, out: str | os.PathLike, *, task: str | None = None
 def resolve_serve_specs(specs, *, precision: str = "fp32") -> list[str]:
     """`onnxpipe serve --model [NAME=]TARGET[@TASK]` specs with each TARGET that is a Hub id replaced by its local
     folder, named after the repo unless a NAME is given; folders are left as they are."""
+    from onnxpipe.server.config import split_model_spec
+
     resolved = []
     for spec in specs:
-        rest, task = spec, None
-        if "@" in spec and not os.path.isdir(spec):
-            rest, _, task = spec.rpartition("@")
-        name, sep, target = rest.partition("=")
-        if not sep:
-            name, target = "", rest
+        name, target, task = split_model_spec(spec)
         if not is_repo_id(target):
             resolved.append(spec)
             continue
         folder = resolve_model(target, task=task, precision=precision)
-        resolved.append(f"{name or target.rsplit('/', 1)[-1]}={folder}{'@' + task if task else ''}")
+        resolved.append(f"{name}={folder}{'@' + task if task else ''}")
     return resolved
 
 

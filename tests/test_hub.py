@@ -386,13 +386,23 @@ def test_import_cli_takes_a_hub_id(online, tmp_path):
 
 
 def test_serve_command_resolves_hub_ids_before_the_server_starts(online, monkeypatch):
-    import onnxpipe.server
+    """`onnxpipe serve` and Python's serve() alike: the app is made from local folders."""
+    import onnxpipe.server.app
     from onnxpipe.cli import main
 
+    class Started(Exception):
+        pass
+
     started = {}
-    monkeypatch.setattr(onnxpipe.server, "serve", lambda models, **options: started.update(models=models))
+
+    def create_app(models, config):
+        started.update(models=models)
+        raise Started
+
+    monkeypatch.setattr(onnxpipe.server.app, "create_app", create_app)
     repo = _repo_id("transformers-js", "text-classification")
-    assert main(["serve", "--model", repo, "--port", "0"]) == 0
+    with pytest.raises(Started):
+        main(["serve", "--model", repo, "--port", "0"])
     name, _, folder = started["models"][0].partition("=")
     assert name == "transformers-js-text-classification"
     assert onnxpipe.read_manifest(folder)["source"]["hub"]["repo_id"] == repo

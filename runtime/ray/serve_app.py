@@ -33,7 +33,8 @@ BUILD_APP = "onnxpipe.ray:build_app"
 @serve.ingress()  # late-bound: each replica builds its own app (its own models and worker threads)
 class OnnxpipeReplica:
     async def __init__(self, models: list[str], config_fields: dict):
-        from onnxpipe.server.pool import parse_model_specs, split_model_spec
+        from onnxpipe.server.config import split_model_spec
+        from onnxpipe.server.pool import parse_model_specs
 
         check_models_here([split_model_spec(spec)[1] for spec in models])
         fields = dict(config_fields)

@@ -62,11 +62,16 @@ def serve(models, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int
     """Serve model folders over HTTP until SIGINT/SIGTERM, then finish in-flight requests and exit.
 
     models: model folder paths, "NAME=DIR" to name one (the name defaults to the folder's name), or
-    "NAME=DIR@TASK" to serve it with another pipeline than its manifest's task (e.g. sentence-similarity).
+    "NAME=DIR@TASK" to serve it with another pipeline than its manifest's task (e.g. sentence-similarity); DIR may
+    be a Hugging Face Hub id ORG/NAME, fetched first as pipeline(model=...) fetches it (the `hub` extra).
     workers: inference threads per model. options: the other ServerConfig fields.
     """
+    from onnxpipe.hub import resolve_serve_specs
+
     config = ServerConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, workers=workers, **options)
-    app = create_app(models, config)
+    models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    # Hub ids become local folders here, before the server starts: the server reads model folders only
+    app = create_app(resolve_serve_specs(models, precision=config.precision), config)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     grace = graceful_timeout_s if graceful_timeout_s is not None else config.request_timeout_s + 5
     server = _GracefulServer(uvicorn.Config(

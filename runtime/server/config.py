@@ -4,7 +4,9 @@ No web framework is imported here, so the CLI can build `serve --help` from thes
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _option(default, flag: str, help: str, kind=None):
@@ -71,3 +73,17 @@ class ServerConfig:
         from onnxpipe.session import SessionConfig
 
         return SessionConfig(device=self.device, intra_op_num_threads=self.intra_op_num_threads, allow_spinning=False)
+
+
+def split_model_spec(spec) -> tuple[str, str, str | None]:
+    """A `serve --model` spec, "DIR", "NAME=DIR" or "NAME=DIR@TASK" (DIR: a folder, or a Hub id ORG/NAME) ->
+    (name, DIR, task or None); the name defaults to DIR's last part. A folder whose own name holds '=' or '@' is
+    taken whole."""
+    spec = str(spec)
+    rest, task = spec, None
+    if "@" in spec and not os.path.isdir(spec):
+        rest, _, task = spec.rpartition("@")
+    name, sep, path = rest.partition("=")
+    if not sep or os.path.isdir(rest):
+        name, path = Path(rest).resolve().name, rest
+    return name, path, task

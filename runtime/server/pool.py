@@ -28,6 +28,8 @@ def parse_model_specs(models) -> dict[str, ModelSpec]:
     from onnxpipe.model_dir import read_manifest
     from onnxpipe.task_table import normalize_task
 
+    from .config import split_model_spec
+
     if isinstance(models, (str, os.PathLike)):
         models = [models]
     specs: dict[str, ModelSpec] = {}
@@ -44,19 +46,6 @@ def parse_model_specs(models) -> dict[str, ModelSpec]:
     if not specs:
         raise ValueError("serve needs at least one --model DIR")
     return specs
-
-
-def split_model_spec(spec) -> tuple[str, str, str | None]:
-    """"DIR", "NAME=DIR" or "NAME=DIR@TASK" -> (name, folder, task or None); a folder whose own name holds '=' or
-    '@' is taken whole."""
-    spec = str(spec)
-    rest, task = spec, None
-    if "@" in spec and not os.path.isdir(spec):
-        rest, _, task = spec.rpartition("@")
-    name, sep, path = rest.partition("=")
-    if not sep or os.path.isdir(rest):
-        name, path = Path(rest).resolve().name, rest
-    return name, path, task
 
 
 class ModelPool:
