@@ -33,8 +33,15 @@ class ModelDir:
             raise ValueError(f"precision={precision!r} is not supported: use one of {', '.join(PRECISIONS)}")
         missing = [role for role, files in self.manifest["files"].items() if precision not in files]
         if missing:
-            raise ValueError(f"model dir '{self.path}' has no {precision} file for {', '.join(missing)}: "
-                             f"export it with {_EXPORT_FLAG.get(precision, precision)}, or use precision='fp32'")
+            have = sorted({p for files in self.manifest["files"].values() for p in files})
+            if self.manifest.get("source", {}).get("imported_from"):
+                # a ready-made ONNX export: its publisher chose the precisions; onnxpipe cannot quantize it again
+                how = (f"the ONNX export it was imported from has only {', '.join(have)} (an export of the "
+                       f"checkpoint with onnxpipe export {_EXPORT_FLAG.get(precision, precision)} would have it)")
+            else:
+                how = f"export it with {_EXPORT_FLAG.get(precision, precision)}"
+            raise ValueError(f"model dir '{self.path}' has no {precision} file for {', '.join(missing)}: {how}, "
+                             f"or use precision='{'fp32' if 'fp32' in have else have[0]}'")
         self.precision = precision
         self.session_config = SessionConfig.of(session_config, device=device, intra_op_num_threads=intra_op_num_threads,
                                                inter_op_num_threads=inter_op_num_threads,

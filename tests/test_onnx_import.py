@@ -68,6 +68,12 @@ def test_import_cli_writes_a_model_folder_that_matches_transformers(tmp_path):
         expected = json.loads(json.dumps(ref(text, aggregation_strategy="simple"), default=float))
     assert_results_close(onnxpipe.pipeline(model=tmp_path / "ner")(text, aggregation_strategy="simple"), expected)
     assert onnxpipe.pipeline(model=tmp_path / "ner", precision="int8")(text)
+    # a precision the publisher did not export: said as such (onnxpipe cannot re-quantize an import)
+    with pytest.raises(ValueError, match=r"has no int4 file for model: the ONNX export it was imported from has "
+                                         r"only fp32, int8 .*precision='fp32'"):
+        onnxpipe.pipeline(model=tmp_path / "ner", precision="int4")
+    with pytest.raises(ValueError, match=r"has no int4 file for model: export it with --quantize int4"):
+        onnxpipe.pipeline(model=tiny_export("bert", "token-classification"), precision="int4")
 
 
 def test_import_in_place_writes_only_the_manifest(tmp_path):
