@@ -320,3 +320,26 @@ def test_onnxpipe_serve_ray_command(clf_dir, clf, tmp_path):
         proc.send_signal(signal.SIGINT)
         code = proc.wait(120)
     assert code == 0, log.read_text(errors="replace")[-3000:]
+
+
+def test_a_model_folder_missing_on_a_node_is_named_with_the_node(cluster, tmp_path):
+    from onnxpipe.ray.node import check_models_here
+
+    @ray.remote(num_cpus=0)
+    def check(path):
+        try:
+            check_models_here([path])
+        except FileNotFoundError as e:
+            return str(e)
+
+    message = ray.get(check.remote(str(tmp_path / "nowhere")))
+    assert f"model folder {tmp_path / 'nowhere'} does not exist on Ray node 127.0.0.1 (node " in message
+    assert "every node needs each model folder at the same path" in message
+
+
+def test_without_ray_installed_the_message_names_the_extra():
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "import onnxpipe.ray\n"
+            "try:\n    onnxpipe.ray.deployment\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "onnxpipe.ray needs Ray: pip install 'onnxpipe[ray]'"
