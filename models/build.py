@@ -9,6 +9,7 @@ that loads. Imports torch (through the trainer and the exporter): build time onl
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -65,15 +66,20 @@ def _finetune_text_classification(model, source_dirs, work, out, log):
     labels = recipe["data"]["labels"]
     from .train import finetune_text_classification
 
-    ckpt = finetune_text_classification(_source_path(model, source_dirs, "base"), sp.train, labels, work / "checkpoint",
-                                        recipe["train"], log=log)
-    _export(ckpt, out, recipe["export"], log)
+    stages = _Stages()
+    with stages("train"):
+        ckpt, training = finetune_text_classification(_source_path(model, source_dirs, "base"), sp.train, labels,
+                                                      work / "checkpoint", recipe["train"], log=log)
+    with stages("export"):
+        _export(ckpt, out, recipe["export"], log)
     heldout = _limited(sp.heldout, recipe)
-    scores = {p: evaluate.classification_accuracy(out, p, heldout) for p in _timed(PRECISIONS, log, "accuracy")}
-    checks = _sentiment_checks(out, labels)
+    with stages("evaluate"):
+        scores = {p: evaluate.classification_accuracy(out, p, heldout) for p in _timed(PRECISIONS, log, "accuracy")}
+        checks = _sentiment_checks(out, labels)
     if any(got != want for got, want in zip(checks.values(), SENTIMENT_CHECKS.values())):
         log(f"WARNING: the classifier gets {checks} (expected {SENTIMENT_CHECKS})")
     return {"metric": "accuracy", "scores": scores, "checks": checks,
+            "training": {**training, "stage_seconds": stages.seconds},
             "dataset": f"Rotten Tomatoes sentences from {_pkg(model, 'data')}",
             **_split_info(sp, heldout, recipe["data"], _trained_on(sp, recipe))}
 
@@ -85,12 +91,17 @@ def _finetune_token_classification(model, source_dirs, work, out, log):
     sp = data.split(sentences, seed=recipe["data"]["split_seed"], heldout=recipe["data"]["heldout"])
     from .train import finetune_token_classification
 
-    ckpt = finetune_token_classification(_source_path(model, source_dirs, "base"), sp.train, labels, work / "checkpoint",
-                                         recipe["train"], log=log)
-    _export(ckpt, out, recipe["export"], log)
+    stages = _Stages()
+    with stages("train"):
+        ckpt, training = finetune_token_classification(_source_path(model, source_dirs, "base"), sp.train, labels,
+                                                       work / "checkpoint", recipe["train"], log=log)
+    with stages("export"):
+        _export(ckpt, out, recipe["export"], log)
     heldout = _limited(sp.heldout, recipe)
-    details = {p: evaluate.token_classification_f1(out, p, heldout) for p in _timed(PRECISIONS, log, "entity F1")}
+    with stages("evaluate"):
+        details = {p: evaluate.token_classification_f1(out, p, heldout) for p in _timed(PRECISIONS, log, "entity F1")}
     return {"metric": "entity_f1", "scores": {p: d["f1"] for p, d in details.items()}, "details": details,
+            "training": {**training, "stage_seconds": stages.seconds},
             "how": "micro-averaged exact-span entity F1 (seqeval default mode); each word takes the tag of its "
                    "first sub-token",
             "dataset": f"WNUT-16 train tweets from {_pkg(model, 'data')}",
@@ -170,6 +181,9 @@ def _finish_manifest(out: Path, model: DefaultModel, source_dirs: dict, evaluati
         "built": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "build_seconds": round(seconds, 1),
     }
+    training = evaluation.pop("training", None) if evaluation is not None else None
+    if training is not None:  # what the trainer did on this machine: steps, precision used (bf16 or fp32), time
+        manifest["default_model"]["training"] = training
     if evaluation is not None:
         evaluation["measured_with"] = "onnxpipe runtime (onnxruntime CPU) on model.onnx and model.int8.onnx"
     manifest["evaluation"] = evaluation
@@ -213,6 +227,21 @@ def _split_info(sp: data.Split, evaluated: list, spec: dict, trained_on: int | N
 def _pkg(model: DefaultModel, role: str) -> str:
     s = model.sources[role]
     return f"{s['package']}=={s['version']}"
+
+
+class _Stages:
+    """Wall seconds of each build stage (train, export, evaluate), for the manifest."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - started, 1)
 
 
 def _timed(precisions, log, what):

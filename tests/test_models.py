@@ -51,7 +51,7 @@ def test_registry_entry_pins_its_sources(name):
 
 
 def test_recipe_hash_changes_with_the_recipe_and_not_with_the_description():
-    changed = SENTIMENT.with_overrides({"train": {"epochs": 2}})
+    changed = SENTIMENT.with_overrides({"train": {"epochs": SENTIMENT.recipe["train"]["epochs"] + 1}})
     assert changed.recipe_sha256 != SENTIMENT.recipe_sha256
     import dataclasses
 
@@ -106,6 +106,39 @@ def test_entity_spans_are_read_as_seqeval_reads_them(tags, spans):
     from onnxpipe.models import data
 
     assert data.entities(tags) == spans
+
+
+# --- the training loop's batches and precision (no torch needed) -----------------------------------------------
+
+def test_length_buckets_cover_every_example_once_and_are_seeded():
+    import random
+
+    from onnxpipe.models.train import _epoch_batches
+
+    draw = random.Random(1)
+    lengths = [draw.randint(3, 64) for _ in range(1000)]
+    a = _epoch_batches(lengths, 32, random.Random(0), "length-buckets", 10)
+    b = _epoch_batches(lengths, 32, random.Random(0), "length-buckets", 10)
+    assert a == b and a != _epoch_batches(lengths, 32, random.Random(1), "length-buckets", 10)
+    assert sorted(i for batch in a for i in batch) == list(range(1000))
+    assert len(a) == len(_epoch_batches(lengths, 32, random.Random(0), "shuffled", 10)) == 32  # same steps per epoch
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches) / sum(lengths) - 1
+
+    assert padding(a) < 0.2 and padding(_epoch_batches(lengths, 32, random.Random(0), "shuffled", 10)) > 0.5
+
+
+@pytest.mark.parametrize("flags, want", [("fpu avx512f amx_bf16 amx_tile", "bf16"), ("fpu avx512f avx512_bf16", "bf16"),
+                                         ("fpu avx2 avx512f", "fp32")], ids=["amx", "avx512-bf16", "no-bf16"])
+def test_bf16_training_only_where_the_cpu_has_native_bf16(flags, want, tmp_path, monkeypatch):
+    from onnxpipe.models import train
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(train, "CPUINFO", str(cpuinfo))
+    assert train.training_precision({"precision": "bf16-if-native"}) == want
+    assert train.training_precision({"precision": "fp32"}) == train.training_precision({}) == "fp32"
 
 
 def test_entity_f1_counts_exact_spans_only():
@@ -226,6 +259,12 @@ def test_fresh_build_writes_a_manifest_that_matches_the_registry(quick_build):
     assert ev["metric"] == "accuracy" and set(ev["scores"]) == {"fp32", "int8"}
     assert all(0.0 <= v <= 1.0 for v in ev["scores"].values())
     assert ev["split"]["evaluated"] == QUICK["evaluation"]["limit"] and ev["split"]["heldout"] == 1000
+    training = built["training"]  # what the trainer did: the precision it used on this CPU, its batches
+    assert training["steps"] == QUICK["train"]["max_steps"] and training["examples"] == QUICK["train"]["train_limit"]
+    assert training["batching"] == model.recipe["train"]["batching"]
+    from onnxpipe.models.train import training_precision
+
+    assert training["precision"] == training_precision(model.recipe["train"])
     assert model_cache.check_built(model, path) is None
     assert model_cache.check_built(SENTIMENT, path) == "built from an older recipe"  # never passes for the real one
 
@@ -277,5 +316,8 @@ def test_sentiment_default_gets_the_seed_examples_right():
     classifier = onnxpipe.pipeline("sentiment-analysis")  # builds the real default once, then cached
     assert [r["label"] for r in classifier(["I hate you", "I love you"])] == ["NEGATIVE", "POSITIVE"]
     manifest = json.loads((default_model_dir("sentiment-analysis") / "onnxpipe.json").read_text())
-    assert manifest["evaluation"]["split"]["evaluated"] == 1000
-    assert min(manifest["evaluation"]["scores"].values()) > 0.8
+    ev = manifest["evaluation"]
+    assert ev["split"]["evaluated"] == 1000 and ev["split"]["heldout"] == 1000 and ev["split"]["seed"] == 0
+    # the floor issue 25 set (recipe_version 3; 0.837 before), measured by the build on the exported graphs
+    assert ev["scores"]["fp32"] >= 0.86, ev["scores"]
+    assert abs(ev["scores"]["int8"] - ev["scores"]["fp32"]) <= 0.01 + 1e-9, ev["scores"]  # int8 within 1 point of fp32
