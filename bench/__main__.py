@@ -6,6 +6,9 @@ question-answering, smollm2, gpt2). The machine's limits are measured in every r
 
 A full run writes bench/results/run-<time>.json, latest.json, latest.md and latest.png;
 --quick (a few repetitions, a small subset, a couple of minutes) writes under bench/results/quick/.
+`python -m bench peers` (never part of the default run) measures onnxpipe beside onnxruntime-genai, llama.cpp,
+CTranslate2 and OpenVINO, each installed into its own venv under .cache/peers/ (bench/peers/), and writes
+bench/results/peers.json and peers.md and the README's "vs the fast engines" table.
 `--report FILE.json` re-renders the table and plot from a saved run.
 """
 from __future__ import annotations
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme:
             report.update_readme(results, README)
         return 0
+    if "peers" in args.cases:
+        if len(args.cases) > 1:
+            parser.error("peers is a case of its own: run `python -m bench peers [--quick]`")
+        return run_peers(args.threads, args.quick)
     unknown = [c for c in args.cases if c not in CASES + FILTERS]
     if unknown:
         parser.error(f"unknown case {', '.join(unknown)}: use any of {', '.join(CASES + FILTERS)}")
@@ -67,6 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}, {out / 'latest.md'} and {out / 'latest.png'}")
     if not args.quick and cases == list(CASES) and only is None and report.update_readme(results, README):
         print(f"updated the Benchmarks section of {README}")
+    return 0
+
+
+def run_peers(threads: int, quick: bool) -> int:
+    """The fast engines beside onnxpipe (issue 26): bench/peers/."""
+    from .peers import report as peers_report, run as peers_run
+
+    meta = machine_info(threads, quick)
+    print(f"bench peers: {meta['mode']} run with {threads} threads on {meta['cpu']} ({meta['cpu_features']}); "
+          f"load average {meta['loadavg_start']}", flush=True)
+    results = peers_run.run(threads, quick, meta)
+    out = RESULTS / "quick" if quick else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "peers.md").write_text(peers_report.markdown(results))
+    print(f"wrote {out / 'peers.json'} and {out / 'peers.md'}")
+    if not quick and peers_report.update_readme(results, README):
+        print(f"updated the \"vs the fast engines\" table in {README}")
     return 0
 
 

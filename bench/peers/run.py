@@ -1,0 +1,379 @@
+"""`python -m bench peers`: onnxpipe beside the engines users pick for speed (issue 26).
+
+onnxruntime-genai, llama.cpp (llama-cpp-python), CTranslate2 and OpenVINO, each in its own venv
+(bench/peers/install.py), each contender in its own process (bench/peers/worker.py), all with the same weights,
+the same inputs and the same thread count. Contenders of one workload take turns in a seeded shuffle each round
+(the machine is shared: whatever else runs hits them all alike) and each peer's ratio to onnxpipe at the same
+precision is taken round by round (> 1: the peer is faster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import install, int4_head, models
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+GAP_S = 0.1  # ORT / OpenMP pools spin for a while after a call (bench/timing.py)
+PROMPT_TOKENS = 64
+# OpenMP engines (llama.cpp, CTranslate2) with the default active wait, 2 threads on 2 cores other work also uses:
+# every barrier (several per op) waits for a thread the kernel descheduled. Measured here while building this case
+# (load average ~5.7): llama.cpp Q4_1 decoded 0.2 tok/s with the default wait, 33 with OMP_WAIT_POLICY=PASSIVE and
+# 37 with 1 thread. Every worker gets the passive wait (ONNX Runtime and OpenVINO do not use OpenMP here).
+OMP_WAIT = "PASSIVE"
+
+
+class Worker:
+    """One contender: a process of its engine's interpreter speaking worker.py's JSON lines."""
+
+    def __init__(self, python: Path | str, label: str):
+        self.label = label
+        self.log = open(models.MODELS.parent / "logs" / f"{label.replace(' ', '_').replace('/', '-')}.log", "a") \
+            if (models.MODELS.parent / "logs").exists() else subprocess.DEVNULL
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": OMP_WAIT}
+        self.p = subprocess.Popen([str(python), str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self.log, text=True, env=env, cwd=str(install.ROOT))
+
+    def ask(self, **req) -> dict:
+        self.p.stdin.write(json.dumps(req, default=_jsonable) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.label}: the worker died (exit {self.p.wait()})")
+        out = json.loads(line)
+        if not out.get("ok"):
+            raise RuntimeError(out.get("error", "failed"))
+        return out
+
+    def close(self) -> None:
+        try:
+            self.ask(op="quit")
+        except Exception:
+            pass
+        try:
+            self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def _jsonable(x):
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.integer):
+        return int(x)
+    raise TypeError(type(x))
+
+
+def run(threads: int, quick: bool, meta: dict) -> dict:
+    (models.MODELS.parent / "logs").mkdir(parents=True, exist_ok=True)
+    meta["omp_wait_policy"] = (f"OMP_WAIT_POLICY={OMP_WAIT} in every worker: with OpenMP's default active wait, "
+                               "llama.cpp's 2 threads on the 2 shared cores stalled at every barrier (bench/peers/run.py)")
+    res: dict = {"meta": meta, "installs": {}, "preparation_errors": {}, "decode": [], "encode": []}
+    t0 = time.time()
+    # ONNXPIPE_PEERS=a,b narrows the engines (a development run); the others are recorded as not asked for
+    wanted = [e.strip() for e in os.environ.get("ONNXPIPE_PEERS", "").split(",") if e.strip()] or list(install.ENGINES)
+    for engine in install.ENGINES:
+        if engine not in wanted:
+            res["installs"][engine] = {"error": "not asked for (ONNXPIPE_PEERS)"}
+            continue
+        print(f"bench peers: {engine}: install (once)", flush=True)
+        res["installs"][engine] = install.ensure(engine)
+    res["installs"]["onnxpipe"] = {"versions": {k: v for k, v in meta.get("versions", {}).items()
+                                                if k in ("onnxruntime", "numpy", "tokenizers")},
+                                   "size_mb": _onnxpipe_size_mb(), "size_note": "serve-time closure (numpy, tokenizers, onnxruntime)"}
+    ok = {e for e, r in res["installs"].items() if "error" not in r}
+    # a full run fits ~15 minutes on the 2 shared cores here (decode at 5-15 tok/s under a load of 8)
+    plan_decode = (2, 32) if quick else (3, 96)  # rounds, new tokens
+    plan_encode = (3, 3) if quick else (6, 3)  # rounds, forwards per call (their median)
+    res["decode"] = _decode(threads, ok, res["preparation_errors"], *plan_decode)
+    _stamp(res, "decode", t0)
+    try:
+        res["int4_head_fidelity"] = int4_head.perplexity(threads, n_articles=2 if quick else 4)
+    except Exception as e:
+        res["preparation_errors"]["int4 head perplexity"] = f"{type(e).__name__}: {e}"
+    _stamp(res, "int4 head perplexity", t0)
+    res["encode"] = _encode(threads, ok, res["preparation_errors"], *plan_encode)
+    _stamp(res, "encode", t0)
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["duration_s"] = round(time.time() - t0, 1)
+    return res
+
+
+def _stamp(res, name, t0):
+    load = [round(x, 2) for x in os.getloadavg()]
+    res["meta"].setdefault("sections", {})[name] = {"done_after_s": round(time.time() - t0, 1), "loadavg": load}
+    print(f"bench peers: {name} done after {time.time() - t0:.0f} s (load average {load})", flush=True)
+
+
+def _onnxpipe_size_mb() -> float | None:
+    """onnxpipe's serve-time closure (numpy, tokenizers, onnxruntime and what they require) in this venv."""
+    try:
+        from ..size import SERVE_ROOTS, closure_size
+
+        return round(closure_size(SERVE_ROOTS)["bytes"] / 1e6, 1)
+    except Exception:
+        return None
+
+
+# --- decode --------------------------------------------------------------------------------------------------------
+
+def _decode_contenders(ok: set, errors: dict, threads: int) -> dict:
+    """precision -> [(label, engine, load request)]; what cannot be prepared is recorded in `errors`."""
+    hf = models.artifacts.smollm2_hf()
+    onnx_dir = models.smollm2_onnx()
+    groups = {p: [(f"onnxpipe {p}", "onnxpipe", {"onnx_dir": onnx_dir, "variant": p})] for p in ("fp32", "int8", "int4")}
+    try:  # the "speed where we lose" variant: int4 with the LM head in 4 bits too (bench/peers/int4_head.py)
+        groups["int4"].append((int4_head.NAME, "onnxpipe", {"onnx_dir": int4_head.folder(), "variant": "int4"}))
+    except Exception as e:
+        errors[int4_head.NAME] = f"{type(e).__name__}: {e}"
+    if "onnxruntime-genai" in ok:
+        for p, bp in (("fp32", "fp32"), ("int8", "int8"), ("int4", "int4")):
+            try:
+                d = _genai_build(hf, bp)
+                groups[p].append((f"onnxruntime-genai {bp}", "onnxruntime-genai",
+                                  {"genai_dir": d, "variant": bp, "builder_precision": bp}))
+            except Exception as e:
+                errors[f"onnxruntime-genai {bp}"] = str(e)
+    if "llama.cpp" in ok:
+        src = models.smollm2_gguf()
+        for p, ft in (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_1")):
+            try:
+                g = src if ft == "Q4_1" else _llama_requant(src, ft)
+                groups[p].append((f"llama.cpp {ft}", "llama.cpp", {"gguf": g, "variant": ft}))
+            except Exception as e:
+                errors[f"llama.cpp {ft}"] = str(e)
+    if "ctranslate2" in ok:
+        try:
+            d = _ct2_convert(hf, "smollm2", "decoder")
+            groups["fp32"].append(("CTranslate2 float32", "ctranslate2", {"ct2_dir": d, "hf_dir": hf, "variant": "float32"}))
+            groups["int8"].append(("CTranslate2 int8", "ctranslate2", {"ct2_dir": d, "hf_dir": hf, "variant": "int8"}))
+        except Exception as e:
+            errors["CTranslate2 SmolLM2"] = str(e)
+        errors["CTranslate2 4-bit"] = "not offered: CTranslate2's int4 is AWQ checkpoints only (no weight-only int4 of a float model)"
+    errors["OpenVINO decode"] = ("not measured: OpenVINO decodes through optimum-intel / openvino-genai exports "
+                                 "(optimum-intel is 1.5 GB); it cannot read onnxpipe's fused decoder (com.microsoft ops)")
+    return groups
+
+
+def _genai_build(hf: Path, precision: str) -> Path:
+    out = models.MODELS / f"genai-smollm2-{precision}"
+    if (out / "genai_config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    cmd = ["nice", "-n", "10", str(install.python("onnxruntime-genai")), "-m", "onnxruntime_genai.models.builder",
+           "-i", str(hf), "-o", str(tmp), "-p", precision, "-e", "cpu", "-c", str(models.MODELS / "genai-cache")]
+    # the builder's own defaults for CPU (what a user gets), whatever they are in this version
+    print(f"bench peers: onnxruntime-genai model builder, {precision} (once)", flush=True)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"model builder -p {precision} failed: " + " | ".join(r.stderr.strip().splitlines()[-3:]))
+    os.replace(tmp, out)
+    return out
+
+
+def _llama_requant(src: Path, ftype: str) -> Path:
+    dst = models.MODELS / f"smollm2-{ftype}.gguf"
+    if not dst.exists():
+        print(f"bench peers: llama.cpp requantizes the GGUF to {ftype} (once)", flush=True)
+        w = Worker(install.python("llama.cpp"), f"llama-quantize-{ftype}")
+        try:
+            w.ask(op="llama_quantize", src=src, dst=dst, ftype=ftype)
+        finally:
+            w.close()
+    return dst
+
+
+def _ct2_convert(hf: Path, name: str, kind: str) -> Path:
+    out = models.MODELS / f"ct2-{name}"
+    if not (out / "model.bin").exists():
+        print(f"bench peers: CTranslate2 converts {name} (once)", flush=True)
+        w = Worker(install.python("ctranslate2"), f"ct2-convert-{name}")
+        try:
+            w.ask(op="ct2_convert", hf_dir=hf, out=out, kind=kind)
+        finally:
+            w.close()
+    return out
+
+
+def _python_of(engine: str):
+    return sys.executable if engine == "onnxpipe" else install.python(engine)
+
+
+def _start(contenders, threads, workload, errors, extra=None) -> dict:
+    live = {}
+    for label, engine, req in contenders:
+        w = Worker(_python_of(engine), label)
+        try:
+            info = w.ask(op="load", engine=engine, workload=workload, threads=threads, **req, **(extra or {}))["info"]
+            live[label] = (w, info)
+        except Exception as e:
+            errors[label] = f"load failed: {e}"
+            w.close()
+    return live
+
+
+def _decode(threads, ok, errors, rounds, new_tokens) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from ..generation import prompt_ids
+
+    groups = _decode_contenders(ok, errors, threads)
+    tok = AutoTokenizer.from_pretrained(models.artifacts.smollm2_hf())
+    ids = prompt_ids(tok, 1, PROMPT_TOKENS)[0].tolist()
+    rows, ref_tokens = [], None
+    for precision, contenders in groups.items():
+        print(f"bench peers: SmolLM2 decode b1 {precision}: {', '.join(c[0] for c in contenders)}", flush=True)
+        case_errors = {}
+        live = _start(contenders, threads, "decode", case_errors)
+        for label, (w, _) in list(live.items()):  # warm-up; a contender failing here is dropped
+            try:
+                w.ask(op="decode", ids=ids, n=4)
+            except Exception as e:
+                case_errors[label] = str(e)
+                w.close()
+                del live[label]
+        rates = {label: [] for label in live}
+        tokens = {}
+        load = []
+        for r in range(rounds):
+            load.append(os.getloadavg()[0])
+            for label in random.Random(r).sample(list(live), len(live)):
+                time.sleep(GAP_S)
+                try:
+                    out = live[label][0].ask(op="decode", ids=ids, n=new_tokens)
+                except Exception as e:
+                    case_errors[label] = str(e)
+                    continue
+                s = out["stamps"]
+                rates[label].append((len(s) - 1) / (s[-1] - s[0]))  # decode steps/s, the prefill excluded
+                tokens[label] = out["tokens"]
+        ref = f"onnxpipe {precision}"
+        if ref_tokens is None:
+            ref_tokens = tokens.get("onnxpipe fp32")
+        row = {"workload": f"SmolLM2-135M decode b1, {precision}", "precision": precision, "rounds": rounds,
+               "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens, "loadavg_1min_per_round": load,
+               "reference": ref, "errors": case_errors, "contenders": {}}
+        for label, rs in rates.items():
+            if not rs:
+                continue
+            c = {"info": live[label][1], "tokens_per_s": float(np.median(rs)), "min": float(min(rs)), "max": float(max(rs)),
+                 "per_round": rs}
+            if label != ref and rates.get(ref):
+                c["ratio_vs_onnxpipe"] = _paired(rs, rates[ref])
+            if ref_tokens and label in tokens:
+                c["greedy_agrees_with_onnxpipe_fp32_for"] = _agree(tokens[label], ref_tokens)
+            row["contenders"][label] = c
+        for w, _ in live.values():
+            w.close()
+        rows.append(row)
+    return rows
+
+
+def _paired(peer: list[float], ours: list[float]) -> dict:
+    """Per round: the peer's rate over onnxpipe's (> 1: the peer is faster); median, min, max."""
+    n = min(len(peer), len(ours))
+    r = np.asarray(peer[:n]) / np.asarray(ours[:n])
+    return {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max()), "rounds": n}
+
+
+def _agree(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --- encode --------------------------------------------------------------------------------------------------------
+
+def _encode(threads, ok, errors, rounds, per_call) -> list[dict]:
+    from tokenizers import Tokenizer
+
+    from ..inputs import texts_of_length
+
+    b = models.bert()
+    tok_json = b["plain"] / "tokenizer.json"
+    tok = Tokenizer.from_file(str(tok_json))
+    tok.no_padding()
+    tok.no_truncation()
+
+    def enc(text):
+        e = tok.encode(text)
+        return {"ids": e.ids, "mask": e.attention_mask, "type_ids": e.type_ids}
+
+    ct2_dir = None
+    if "ctranslate2" in ok:
+        try:
+            ct2_dir = _ct2_convert(b["checkpoint"], "bert-base", "encoder")
+        except Exception as e:
+            errors["CTranslate2 BERT"] = str(e)
+    rows = []
+    for length in (16, 128):
+        feeds = enc(texts_of_length(tok_json, length, 1)[0])
+        calib = [enc(t) for t in texts_of_length(tok_json, length, 24, seed=1)]
+        groups = {"fp32": [("onnxpipe fp32", "onnxpipe", {"onnx_dir": b["opt"], "variant": "fp32"})],
+                  "int8": [("onnxpipe int8", "onnxpipe", {"onnx_dir": b["int8"], "variant": "int8"})]}
+        if ct2_dir:
+            groups["fp32"].append(("CTranslate2 float32", "ctranslate2", {"ct2_dir": ct2_dir, "variant": "float32"}))
+            groups["int8"].append(("CTranslate2 int8", "ctranslate2", {"ct2_dir": ct2_dir, "variant": "int8"}))
+        if "openvino" in ok:
+            onnx_path = b["plain"] / "model.onnx"
+            groups["fp32"].append(("OpenVINO f32", "openvino", {"onnx_path": onnx_path, "variant": "fp32",
+                                                                "precision_hint": "f32"}))
+            groups["int8"].append(("OpenVINO NNCF int8", "openvino", {"onnx_path": onnx_path, "variant": "int8",
+                                                                     "calibration": calib}))
+            groups["native default"] = [("onnxpipe fp32", "onnxpipe", {"onnx_dir": b["opt"], "variant": "fp32"}),
+                                        ("onnxpipe int8", "onnxpipe", {"onnx_dir": b["int8"], "variant": "int8"}),
+                                        ("OpenVINO default", "openvino", {"onnx_path": onnx_path, "variant": "default"})]
+        for precision, contenders in groups.items():
+            print(f"bench peers: BERT-base b1 L{length} {precision}: {', '.join(c[0] for c in contenders)}", flush=True)
+            case_errors = {}
+            live = _start(contenders, threads, "encode", case_errors, {"length": length})
+            for label, (w, _) in list(live.items()):  # warm-up; a contender failing here is dropped
+                try:
+                    w.ask(op="encode", **feeds)
+                except Exception as e:
+                    case_errors[label] = str(e)
+                    w.close()
+                    del live[label]
+            times = {label: [] for label in live}
+            load = []
+            for r in range(rounds):
+                load.append(os.getloadavg()[0])
+                for label in random.Random(r).sample(list(live), len(live)):
+                    time.sleep(GAP_S)
+                    try:
+                        times[label].append(float(np.median([live[label][0].ask(op="encode", **feeds)["s"]
+                                                             for _ in range(per_call)])))
+                    except Exception as e:
+                        case_errors[label] = str(e)
+            ref = "onnxpipe fp32" if precision != "int8" else "onnxpipe int8"
+            what = "OpenVINO's default precision (vs onnxpipe fp32)" if precision == "native default" else precision
+            row = {"workload": f"BERT-base b1 L{length}, {what}", "length": length, "precision": precision,
+                   "rounds": rounds, "forwards_per_round": per_call, "loadavg_1min_per_round": load,
+                   "reference": ref, "errors": case_errors, "contenders": {}}
+            for label, ts in times.items():
+                if not ts:
+                    continue
+                c = {"info": live[label][1], "p50_ms": float(np.median(ts)) * 1e3, "min_ms": float(min(ts)) * 1e3,
+                     "max_ms": float(max(ts)) * 1e3}
+                if label != ref and times.get(ref):
+                    # rates, as for decode: onnxpipe's time over the peer's, round by round
+                    c["ratio_vs_onnxpipe"] = _paired([1 / t for t in ts], [1 / t for t in times[ref]])
+                    if precision == "native default" and label.startswith("OpenVINO"):
+                        c["ratio_vs_onnxpipe_int8"] = _paired([1 / t for t in ts], [1 / t for t in times["onnxpipe int8"]])
+                row["contenders"][label] = c
+            for w, _ in live.values():
+                w.close()
+            rows.append(row)
+    return rows
