@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per figure, alternating")
     ap.add_argument("--rows", type=int, default=50_000, help="rows labelled offline")
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per run at most")
+    ap.add_argument("--parts", default="serve,batch", help="serve, batch or both; a part not run keeps its figures "
+                    "(and their run's machine line) from the existing --out .json")
     ap.add_argument("--out", default=str(RESULTS / "ray_scale"))
     args = ap.parse_args(argv)
 
@@ -55,16 +57,20 @@ def main(argv=None) -> int:
     # 2 real cores; logical CPUs enough for the three replicas of the two apps (an idle replica costs nothing)
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=300 << 20, log_to_driver=False,
              configure_logging=False)
+    parts = set(args.parts.split(","))
+    previous = _previous(Path(args.out).with_suffix(".json"))
     try:
-        serve_runs = serve_figures(model, texts, args)
-        batch_runs = batch_figures(model, texts, args)
+        serve_runs = serve_figures(model, texts, args) if "serve" in parts else previous["serve"]
+        batch_runs = batch_figures(model, texts, args) if "batch" in parts else previous["batch"]
     finally:
         from ray import serve
 
         serve.shutdown()
         ray.shutdown()
     report = {"model": str(model), "machine": machine(load_before, os.getloadavg()), "serve": serve_runs,
-              "batch": batch_runs, "repeats": args.repeats}
+              "batch": batch_runs, "repeats": args.repeats, "parts_run": sorted(parts)}
+    if parts != {"serve", "batch"}:
+        report["carried_from_previous_run"] = {"machine": previous["machine"], "parts": sorted({"serve", "batch"} - parts)}
     report["targets"] = targets(report)
     write_report(Path(args.out), report, markdown(report))
     return 0
@@ -186,11 +192,11 @@ def batch_figures(model: Path, texts: list[str], args) -> dict:
         for name in order:
             t0 = time.perf_counter()
             if name == "single process":
-                labeller = RowLabeller(pipeline(model=str(model), intra_op_num_threads=1), batch_size=64)
+                labeller = RowLabeller(pipeline(model=str(model), intra_op_num_threads=1))
                 results = (labeller.label(p) for p in pieces)
             else:
                 results = label_chunks(pieces, str(model), column="text", address="auto", actors=2,
-                                       cpus_per_actor=1, batch_size=64)
+                                       cpus_per_actor=1)
             first = last = None
             rows = 0
             for answers in results:
@@ -229,7 +235,11 @@ def markdown(report: dict) -> str:
     m, batch = report["machine"], report["batch"]
     lines = [f"Model: `{Path(report['model']).name}`; {m['cpus']} CPUs ({m['cpu_model']}); 1-min load average "
              f"{m['loadavg_1m_before']} before, {m['loadavg_1m_after']} after; {report['repeats']} runs per row, "
-             "alternating; ONNX Runtime at 1 thread per replica, actor or process.", "",
+             "alternating; ONNX Runtime at 1 thread per replica, actor or process." +
+             (f" The {', '.join(report['carried_from_previous_run']['parts'])} figures are from an earlier run of the "
+              f"same code (load {report['carried_from_previous_run']['machine']['loadavg_1m_before']} -> "
+              f"{report['carried_from_previous_run']['machine']['loadavg_1m_after']})."
+              if report.get("carried_from_previous_run") else ""), "",
              "| request | server | clients | throughput (req/s, median run) | p50 (ms) | p99 (ms) | "
              "CPU ms per request, by process |", "|:---|:---|---:|---:|---:|---:|:---|"]
     for workload, serve in report["serve"].items():
@@ -249,6 +259,12 @@ def markdown(report: dict) -> str:
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['value']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def _previous(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _median(values):

@@ -17,7 +17,7 @@ from onnxpipe.batch_job import ERROR, OUTPUT, RowLabeller
 from .node import assigned_threads, check_models_here, node_name
 
 
-def _labeller(model_dir, column, task, precision, device, batch_size, parameters, pipeline_kwargs) -> RowLabeller:
+def _labeller(model_dir, column, task, precision, device, parameters, pipeline_kwargs) -> RowLabeller:
     from onnxpipe import pipeline
 
     check_models_here([model_dir])
@@ -25,7 +25,7 @@ def _labeller(model_dir, column, task, precision, device, batch_size, parameters
     if pipeline_kwargs.get("intra_op_num_threads") is None and pipeline_kwargs.get("session_config") is None:
         pipeline_kwargs["intra_op_num_threads"] = assigned_threads()
     pipe = pipeline(task, model=str(model_dir), precision=precision or "fp32", device=device, **pipeline_kwargs)
-    return RowLabeller(pipe, parameters, batch_size, column)
+    return RowLabeller(pipe, parameters, column)
 
 
 class Predictor:
@@ -34,11 +34,11 @@ class Predictor:
     the node that labelled the row (to see how the work spread). pipeline_kwargs go to onnxpipe.pipeline()."""
 
     def __init__(self, model_dir, column: str = "text", *, task: str | None = None, precision: str | None = None,
-                 device: str | None = None, batch_size: int | None = None, parameters: dict | None = None,
+                 device: str | None = None, parameters: dict | None = None,
                  node_column: str | None = None, **pipeline_kwargs):
         self.column = column
         self.node_column = node_column
-        self.labeller = _labeller(model_dir, column, task, precision, device, batch_size, parameters, pipeline_kwargs)
+        self.labeller = _labeller(model_dir, column, task, precision, device, parameters, pipeline_kwargs)
         self.node = node_name()
 
     def __call__(self, batch: dict) -> dict:
@@ -72,8 +72,7 @@ def predict(dataset, model_dir, column: str = "text", *, actors: int = 2, batch_
     _keep_order_and_spread(dataset.context)
     return dataset.map_batches(
         Predictor, batch_size=batch_size, compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-        fn_constructor_kwargs={"model_dir": str(model_dir), "column": column, "batch_size": batch_size,
-                               **predictor_kwargs},
+        fn_constructor_kwargs={"model_dir": str(model_dir), "column": column, **predictor_kwargs},
         **({"resources": dict(resources)} if resources else {}))
 
 
@@ -89,8 +88,8 @@ class _ChunkLabeller:
     """`onnxpipe batch`'s unit of work: one chunk of values (pickled: any cell type survives) -> its answers. Chunks
     are cut by the driver exactly as the single-process run cuts them, so both write the same file."""
 
-    def __init__(self, model_dir, column, task, precision, device, batch_size, parameters):
-        self.labeller = _labeller(model_dir, column, task, precision, device, batch_size, parameters, {})
+    def __init__(self, model_dir, column, task, precision, device, parameters):
+        self.labeller = _labeller(model_dir, column, task, precision, device, parameters, {})
 
     def __call__(self, batch: dict) -> dict:
         answers = [pickle.dumps(self.labeller.label(pickle.loads(chunk))) for chunk in batch["values"]]
@@ -99,7 +98,7 @@ class _ChunkLabeller:
 
 def label_chunks(pieces: list[list], model_dir, *, column: str, address: str, actors: int = 2,
                  cpus_per_actor: float = 1, resources: dict | None = None, task=None, precision=None, device=None,
-                 batch_size: int = 64, parameters: dict | None = None):
+                 parameters: dict | None = None):
     """Each chunk's answers, in order, labelled on Ray Data actors. address: a Ray address ("auto", "HOST:PORT",
     "ray://...") or "local" (a Ray started here for the job). Yields as chunks finish."""
     from ray.data import ActorPoolStrategy
@@ -113,11 +112,13 @@ def label_chunks(pieces: list[list], model_dir, *, column: str, address: str, ac
         if not pieces:
             return
         items = [{"chunk": i, "values": pickle.dumps(piece)} for i, piece in enumerate(pieces)]
-        dataset = ray.data.from_items(items, override_num_blocks=min(len(items), max(actors * 4, 1)))
+        # a block per chunk: a block comes back only when all its rows are done, so larger blocks would hold the
+        # first answers (and the actors' even share of the last ones) back by a block's worth of work
+        dataset = ray.data.from_items(items, override_num_blocks=len(items))
         _keep_order_and_spread(dataset.context)
         labelled = dataset.map_batches(
             _ChunkLabeller, batch_size=1, compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-            fn_constructor_args=(str(model_dir), column, task, precision, device, batch_size, parameters),
+            fn_constructor_args=(str(model_dir), column, task, precision, device, parameters),
             **({"resources": dict(resources)} if resources else {}))
         expected = 0
         for row in labelled.iter_rows():
