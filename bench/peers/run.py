@@ -182,26 +182,28 @@ def _genai_build(hf: Path, precision: str) -> Path:
 
 def _llama_requant(src: Path, ftype: str) -> Path:
     dst = models.MODELS / f"smollm2-{ftype}.gguf"
-    if not dst.exists():
-        print(f"bench peers: llama.cpp requantizes the GGUF to {ftype} (once)", flush=True)
-        w = Worker(install.python("llama.cpp"), f"llama-quantize-{ftype}")
-        try:
-            w.ask(op="llama_quantize", src=src, dst=dst, ftype=ftype)
-        finally:
-            w.close()
+    _once(dst, f"llama.cpp requantizes the GGUF to {ftype}", "llama.cpp", f"llama-quantize-{ftype}",
+          op="llama_quantize", src=src, dst=dst, ftype=ftype)
     return dst
 
 
 def _ct2_convert(hf: Path, name: str, kind: str) -> Path:
     out = models.MODELS / f"ct2-{name}"
-    if not (out / "model.bin").exists():
-        print(f"bench peers: CTranslate2 converts {name} (once)", flush=True)
-        w = Worker(install.python("ctranslate2"), f"ct2-convert-{name}")
-        try:
-            w.ask(op="ct2_convert", hf_dir=hf, out=out, kind=kind)
-        finally:
-            w.close()
+    _once(out / "model.bin", f"CTranslate2 converts {name}", "ctranslate2", f"ct2-convert-{name}",
+          op="ct2_convert", hf_dir=hf, out=out, kind=kind)
     return out
+
+
+def _once(made: Path, what: str, engine: str, label: str, **request) -> None:
+    """A conversion an engine's worker makes once: skipped while `made` exists."""
+    if made.exists():
+        return
+    print(f"bench peers: {what} (once)", flush=True)
+    w = Worker(install.python(engine), label)
+    try:
+        w.ask(**request)
+    finally:
+        w.close()
 
 
 def _python_of(engine: str):
