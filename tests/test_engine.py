@@ -84,6 +84,89 @@ def test_abort_stop_strings_max_tokens_and_sampling_per_request():
     assert done["sampled"].token_ids == _alone(pipe, PROMPTS[2], **sample)  # its own generator, its own seed
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_rows_joining_and_leaving_in_any_order_keep_their_tokens(name, monkeypatch):
+    """Random arrivals into 3 rows, so that rows leave from the middle (the last ones move into their places),
+    newcomers come both shorter and longer than the batch (one side or the other moves right), padding columns
+    are trimmed, and the shared buffers (llama-gqa) grow from 1 position of headroom: every request's tokens
+    equal its tokens alone, and the batch stays no wider than its longest row plus a third of padding."""
+    from onnxpipe.generation import batch_cache
+
+    monkeypatch.setattr(batch_cache, "SHARED_HEADROOM", 1)
+    pipe = _pipe(name)
+    engine = GenerationEngine(pipe, max_running=3)
+    rng = __import__("random").Random(7)
+    words = "the a cat sat on mat of long and winding road to nowhere over hills".split()
+    requests = {i: (" ".join(rng.choices(words, k=rng.randint(1, 14))), rng.randint(1, 16)) for i in range(14)}
+    arrivals: dict = {}
+    for i in requests:
+        arrivals.setdefault(rng.randint(0, 40), []).append((i, requests[i][0], dict(max_new_tokens=requests[i][1],
+                                                                                      do_sample=False)))
+    widths, moved = [], []
+    step = engine.step
+
+    def watched_step():
+        out = step()
+        if engine.running:
+            longest = max(seq.ids.shape[1] - 1 for seq in engine.running)  # the last token is not in the cache yet
+            widths.append((engine.batch_positions, longest))
+        return out
+
+    engine.step = watched_step
+    done = _drain(engine, arrivals)
+    for i, (prompt, n) in requests.items():
+        assert done[i].token_ids == _alone(pipe, prompt, max_new_tokens=n, do_sample=False), (name, i)
+    assert all(width <= longest + max(batch_cache.TRIM_MIN, longest // 3 + 1) for width, longest in widths), widths
+    assert engine.batch_positions == 0 and not engine.running
+
+
+def test_prompts_sharing_a_prefix_are_prefilled_from_where_they_part():
+    """llama-gqa: prompts that start as earlier ones did (a long shared start, a conversation's next turn, a prompt
+    that is an earlier one's prefix, one asked again) take the known KV and prefill the rest, alone or several
+    together with different known lengths: tokens equal alone; the cache hits; none with prefix_cache_mb=0."""
+    pipe = _pipe("llama-gqa")
+    start = "the rules of the game are simple and everybody who plays it knows them by heart so"
+    prompts = [start + " what next", start + " tell me more about the rules", start, start + " what next",
+               start + " what next and then what", "zebra " + start, start + " a"]
+    engine = GenerationEngine(pipe, max_running=4)
+    greedy = dict(do_sample=False, max_new_tokens=6)
+    arrivals = {0: [(0, prompts[0], greedy)], 3: [(i, prompts[i], greedy) for i in (1, 2, 3)],
+                9: [(i, prompts[i], greedy) for i in (4, 5, 6)]}
+    done = _drain(engine, arrivals)
+    for i, prompt in enumerate(prompts):
+        assert done[i].token_ids == _alone(pipe, prompt, **greedy), i
+    prefixes = engine._rows.prefixes
+    assert prefixes.hits >= 4 and prefixes.bytes > 0  # 1-4 and 6 start as 0 does; 5 does not
+    cold = GenerationEngine(pipe, max_running=4, prefix_cache_mb=0)
+    assert cold._rows.prefixes is None
+    assert _drain(cold, arrivals)[4].token_ids == done[4].token_ids
+
+
+def test_prefix_cache_keeps_whole_blocks_checks_tokens_and_evicts_the_least_recent():
+    import numpy as np
+
+    from onnxpipe.generation.prefix_cache import BLOCK, PrefixCache
+
+    def kv(n, value):
+        return [np.full((2, n, 4), value, np.float32)]
+
+    cache = PrefixCache(max_bytes=2 * kv(3 * BLOCK, 0)[0].nbytes)
+    a = np.arange(3 * BLOCK + 5)
+    cache.store(a, kv(len(a), 1.0))
+    arrays, n = cache.lookup(a)
+    assert n == 3 * BLOCK and arrays[0].shape == (2, 3 * BLOCK, 4)
+    assert cache.lookup(a, limit=3 * BLOCK - 1)[1] == 2 * BLOCK  # a prompt keeps at least one token to feed
+    b = a.copy()
+    b[BLOCK + 1] = -1
+    assert cache.lookup(b)[1] == BLOCK  # parts in the second block
+    assert cache.lookup(np.arange(BLOCK - 1)) is None and cache.lookup(a[1:]) is None
+    cache.store(np.arange(100, 100 + 3 * BLOCK), kv(3 * BLOCK, 2.0))
+    cache.lookup(a)  # a is now the most recent
+    cache.store(np.arange(200, 200 + 3 * BLOCK), kv(3 * BLOCK, 3.0))  # over max_bytes: the 100s go
+    assert cache.lookup(np.arange(100, 100 + 3 * BLOCK)) is None and cache.lookup(a) is not None
+    assert cache.bytes <= cache.max_bytes
+
+
 def test_beam_search_is_refused_clearly():
     engine = GenerationEngine(_pipe("gpt2"))
     with pytest.raises(ValueError, match="beam search"):
@@ -118,11 +201,15 @@ def test_real_smollm2_requests_decoded_together_equal_alone():
     pipe = onnxpipe.pipeline("text-generation", model=real_export("smollm2"))
     engine = GenerationEngine(pipe)
     prompts = ["The capital of France is", "Once upon a time, in a small village,",
-               [{"role": "user", "content": "What is two plus two?"}]]
-    done = _drain(engine, {0: [(0, prompts[0], dict(max_new_tokens=16, do_sample=False))],
-                           3: [(i, p, dict(max_new_tokens=16, do_sample=False)) for i, p in enumerate(prompts[1:], 1)]})
+               [{"role": "user", "content": "What is two plus two?"}],
+               [{"role": "user", "content": "Name a large city in Japan."}],  # the chat template's start is known
+               [{"role": "user", "content": "What is two plus two?"}]]       # asked again
+    greedy = dict(max_new_tokens=16, do_sample=False)
+    done = _drain(engine, {0: [(0, prompts[0], greedy)], 3: [(i, p, greedy) for i, p in enumerate(prompts[1:3], 1)],
+                           7: [(3, prompts[3], greedy)], 9: [(4, prompts[4], greedy)]})
     for i, prompt in enumerate(prompts):
-        assert done[i].result == pipe(prompt, max_new_tokens=16, do_sample=False), i
+        assert done[i].result == pipe(prompt, **greedy), i
+    assert engine._rows.prefixes.hits >= 2
 
 
 # -- the server ---------------------------------------------------------------------------------------------------
@@ -132,8 +219,9 @@ CHAT = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    srv = ServerProcess([f"chat={tiny.export('llama', 'text-generation')}"], tmp_path_factory.mktemp("engine"),
-                        "--max-running", "8", "--max-queue", "16")
+    gqa = tiny.export("llama", "text-generation", optimize=True, hidden_size=64, head_dim=16)
+    srv = ServerProcess([f"chat={tiny.export('llama', 'text-generation')}", f"chat-gqa={gqa}"],
+                        tmp_path_factory.mktemp("engine"), "--max-running", "8", "--max-queue", "16")
     yield srv
     assert srv.stop() in GRACEFUL_EXIT, srv.log()
     assert "Traceback" not in srv.log()
@@ -168,6 +256,20 @@ def test_chat_streams_under_concurrency_decode_together(server, tiny):
     assert tokens > steps, "no step decoded more than one sequence"
     assert metric(text, "onnxpipe_time_to_first_token_seconds_count", model="chat") >= len(lengths)
     assert metric(text, "onnxpipe_running_sequences", model="chat") == 0
+    assert metric(text, "onnxpipe_prompt_tokens_total", model="chat") >= len(lengths)
+
+
+def test_a_known_prompt_prefix_is_not_prefilled_again(server):
+    """chat-gqa (GroupQueryAttention, shared cache buffers): the same chat twice; the second takes the first's
+    prompt KV from the prefix cache (metrics), and answers the same."""
+    body = {"model": "chat-gqa", "messages": CHAT, "max_tokens": 5, "temperature": 0}
+    first, second = (httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60) for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
+    text = httpx.get(server.url + "/metrics").text
+    prompt = metric(text, "onnxpipe_prompt_tokens_total", model="chat-gqa")
+    assert prompt == 2 * first.json()["usage"]["prompt_tokens"]
+    assert 0 < metric(text, "onnxpipe_prompt_tokens_cached_total", model="chat-gqa") < prompt / 2
 
 
 def test_overload_gets_503_and_recovers(server):

@@ -9,16 +9,17 @@
 
 Decoding is bound by reading the weights, so a step for 8 sequences costs little more than for one. At each
 step the running sequences decode one token together, or, when requests are waiting and there is room, those
-join instead (their prompts prefilled together, their first tokens returned at once, their cache then merged into
-the batch's, left-padded to the batch's length): a newcomer's first token does not wait for a decode step of
-the others, and a prefill step is always followed by a decode step, so arrivals cannot stall the running; finished
-or aborted sequences leave at once, their rows dropped from the cache (and leading columns that only padding
-uses trimmed). Each request keeps its own options, processors, stopping rules and random generator, applied to
-its own row, exactly as a request served alone: its greedy tokens are the same (up to the float rounding that
-padding can bring, as in any batched generation). Beam search runs alone (the pipeline), not here.
+join instead (their prompts prefilled together into the batch cache's free rows, their first tokens returned at
+once): a newcomer's first token does not wait for a decode step of the others, and a prefill step is always
+followed by a decode step, so arrivals cannot stall the running; finished or aborted sequences leave at once and
+free their rows (batch_cache.py: how rows join and leave without copying the whole cache). Each request keeps its
+own options, processors, stopping rules and random generator, applied to its own row, exactly as a request served
+alone: its greedy tokens are the same (up to the float rounding that padding can bring, as in any batched
+generation). Beam search runs alone (the pipeline), not here.
 
 Memory is bounded by max_running sequences, each at most its prompt plus max_new_tokens (capped by the model's
-positions): the cache is [max_running, kv_heads, longest sequence, head_dim] per layer at the most.
+positions): the cache is [max_running, kv_heads, positions, head_dim] per layer at the most, positions being the
+longest running sequence plus at most a third of padding (and the buffer's room to grow, batch_cache.py).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import cancel
+from .batch_cache import batch_cache, rotary_tables
 from .generate import _check_logits
-from .kv_cache import SHARED_HEADROOM, DecoderStepper
 from .logits_process import build_logits_processor
 from .search import next_token
 from .stopping import build_stopping
@@ -66,19 +67,21 @@ class _Sequence:
 class GenerationEngine:
     """Continuous batching over a text-generation pipeline's decoder export (CPU)."""
 
-    def __init__(self, pipe, *, max_running: int = 16):
+    def __init__(self, pipe, *, max_running: int = 16, prefix_cache_mb: float = 64):
         generator = pipe.generator
         if generator.is_encoder_decoder:
             raise ValueError("the generation engine runs decoder-only exports: use the pipeline for text2text")
         if max_running < 1:
             raise ValueError(f"max_running must be a positive integer, got {max_running!r}")
         self.pipe, self.generator, self.max_running = pipe, generator, int(max_running)
-        self.session = pipe.model.session("model")
-        self.kv_cache = pipe.manifest["kv_cache"]
-        self._rotary = _rotary_tables(pipe.model)
+        # the running sequences' cache and attention mask: row i is running[i]'s
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or \
+                not 0 <= prefix_cache_mb < float("inf"):
+            raise ValueError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
+        self._rows = batch_cache(pipe.model.session("model"), pipe.manifest["kv_cache"], rotary_tables(pipe.model),
+                                 self.max_running, int(prefix_cache_mb * (1 << 20)))
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
-        self._batch: DecoderStepper | None = None   # the running sequences' cache and attention mask, row by row
         self._ids: set = set()
         self._prefilled_last = False                  # the last step joined requests: the next one decodes
 
@@ -147,7 +150,7 @@ class GenerationEngine:
         elif self.running:
             cancel.check()
             last = np.array([seq.ids[0, -1] for seq in self.running], dtype=np.int64)
-            logits = self._batch.step(last)
+            logits = self._rows.step(last)
             _check_logits(logits, len(self.running[0].generated))
             for row, seq in enumerate(self.running):
                 self._advance(seq, logits[row:row + 1], outputs)
@@ -155,22 +158,22 @@ class GenerationEngine:
         return outputs
 
     @property
+    def prompt_tokens(self) -> tuple[int, int]:
+        """(prompt tokens joined so far, those of them a known prefix gave: not prefilled again)."""
+        return self._rows.prompt_tokens, self._rows.cached_tokens
+
+    @property
     def batch_positions(self) -> int:
         """The cache's length now (the longest running sequence, plus any padding not yet trimmed)."""
-        return 0 if self._batch is None else self._batch.attention_mask.shape[1]
+        return self._rows.width
 
     # -- sequences ------------------------------------------------------------------------------------------------
 
     def _prefill(self, joining: list, outputs: list) -> None:
         """The prompts that join at this step, prefilled together (left-padded to the longest: one session call,
-        the weights read once), then merged into the batch."""
-        width = max(seq.ids.shape[1] for seq in joining)
-        ids = np.concatenate([_left_pad(seq.ids, width, 1) for seq in joining], axis=0)
-        mask = np.concatenate([_left_pad(np.ones_like(seq.ids), width, 1) for seq in joining], axis=0)
-        stepper = DecoderStepper(self.session, self.kv_cache, shared_buffer=False)
-        logits = stepper.prefill(ids, mask)
+        the weights read once) into the batch's next rows."""
+        logits = self._rows.join([seq.ids[0] for seq in joining])
         _check_logits(logits, 0)
-        self._join(stepper)
         self.running.extend(joining)
         for row, seq in enumerate(joining):
             self._advance(seq, logits[row:row + 1], outputs)
@@ -197,94 +200,5 @@ class GenerationEngine:
             self._ids.discard(seq.request_id)
             if not already_reported:
                 outputs.append(RequestOutput(seq.request_id, [], list(seq.generated), True, "aborted", seq.prompt_len))
-        keep = [i for i, seq in enumerate(self.running) if seq not in leaving]
-        self.running = [self.running[i] for i in keep]
-        if not keep:
-            self._batch = None
-            return
-        index = np.array(keep)
-        mask = np.take(self._batch.attention_mask, index, axis=0)
-        cache = {n: np.take(v, index, axis=0) for n, v in self._cache().items()}
-        # columns only padding uses (the longest sequence left): trimmed, so the cache shrinks with the batch
-        unused = int(np.argmax(mask.any(axis=0)))
-        if unused:
-            mask = mask[:, unused:]
-            cache = self._moved({n: v[:, :, unused:] for n, v in cache.items()}, -unused)
-        self._set_batch(mask, cache)
-
-    def _join(self, stepper: DecoderStepper) -> None:
-        """Merge prefilled sequences' cache and mask into the batch's, left-padding the shorter side."""
-        if self._batch is None:
-            self._set_batch(stepper.attention_mask, stepper.cache)
-            return
-        old, new = self._batch.attention_mask.shape[1], stepper.attention_mask.shape[1]
-        width = max(old, new)
-        mask = np.concatenate([_left_pad(self._batch.attention_mask, width, 1),
-                               _left_pad(stepper.attention_mask, width, 1)], axis=0)
-        batch_cache, new_cache = self._moved(self._cache(), width - old), self._moved(stepper.cache, width - new)
-        self._set_batch(mask, {n: np.concatenate([_left_pad(v, width, 2), _left_pad(new_cache[n], width, 2)], axis=0)
-                               for n, v in batch_cache.items()})
-
-    def _cache(self) -> dict:
-        """The batch's cache in use, {present name: [batch, kv_heads, positions, head_dim]} (views of a shared one)."""
-        return self._batch.presents()
-
-    def _set_batch(self, mask: np.ndarray, cache: dict) -> None:
-        """The batch's new rows: a stepper holding `cache`. Where the export lets past and present share one buffer
-        (GroupQueryAttention), the cache goes into such buffers with room to grow, so that decode steps append in
-        place rather than copy the whole cache into a new present every step."""
-        b = DecoderStepper(self.session, self.kv_cache)
-        b.attention_mask = np.ascontiguousarray(mask)
-        if b.shared is None:
-            b.cache = {n: np.ascontiguousarray(v) for n, v in cache.items()}
-        else:
-            length = mask.shape[1]
-            b.shared.allocate(mask.shape[0], length + SHARED_HEADROOM)
-            for past, present in zip(b.past_names, b.present_names):
-                b.shared.buffers[past][:, :, :length] = cache[present]
-        self._batch = b
-
-    def _moved(self, cache: dict, by: int) -> dict:
-        """A cache whose positions move `by` columns. Exports whose keys are rotated by their cache index
-        (GroupQueryAttention) get their keys rotated by the same offset, so each row stays consistent with the
-        index the kernel rotates the next token by; others take positions from the mask and need nothing."""
-        if self._rotary is None or by == 0:
-            return cache
-        cos, sin, interleaved = self._rotary
-        c, s = cos[abs(by)], sin[abs(by)] * (1 if by > 0 else -1)
-        return {n: _rotate(v, c, s, interleaved) if n.endswith(".key") else v for n, v in cache.items()}
-
-
-def _rotary_tables(model):
-    """(cos, sin, interleaved) for an export whose keys are rotated by cache index, None for others; an export
-    fused so without its tables (an older onnxpipe's) cannot move a cache: a clear error."""
-    fused = ((model.manifest.get("optimization") or {}).get("fused_ops") or {}).get("GroupQueryAttention")
-    if not fused:
-        return None
-    rotary = model.manifest["kv_cache"].get("rotary")
-    if not rotary:
-        raise ValueError(f"model dir '{model.path}' has GroupQueryAttention without its rotary tables "
-                         "(kv_cache.rotary): export it again with this onnxpipe for continuous batching")
-    tables = np.load(model.path / rotary["file"])
-    return tables["cos"].astype(np.float32), tables["sin"].astype(np.float32), bool(rotary["interleaved"])
-
-
-def _rotate(keys: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
-    """RoPE rotation of [batch, heads, positions, head_dim] keys by one angle per dimension pair."""
-    if interleaved:
-        x1, x2 = keys[..., 0::2], keys[..., 1::2]
-        out = np.empty_like(keys)
-        out[..., 0::2], out[..., 1::2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        return out
-    half = keys.shape[-1] // 2
-    x1, x2 = keys[..., :half], keys[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(keys.dtype)
-
-
-def _left_pad(array: np.ndarray, width: int, axis: int) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing <= 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (missing, 0)
-    return np.pad(array, pad)
+        order = self._rows.remove([i for i, seq in enumerate(self.running) if seq in leaving])
+        self.running = [self.running[i] for i in order]

@@ -135,23 +135,44 @@ class _SharedBuffers:
         self._bind()
 
     def _bind(self) -> None:
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")
-        for past, present in zip(self.past_names, self.present_names):
-            buf = self.buffers[past]
-            binding.bind_input(past, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-            binding.bind_output(present, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-        self.binding = binding
+        self.binding = bind_buffers(self.session, self.past_names, self.present_names,
+                                    [self.buffers[past] for past in self.past_names])
 
     def run(self, feeds: dict) -> np.ndarray:
-        for name in self.fed:
-            value = feeds.get(name)
-            if value is None:
-                raise ValueError(f"{self.session.path.name} needs input {name}, which onnxpipe's decoder loop does "
-                                 "not feed (the manifest's io section lists the graph's inputs)")
-            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        self.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[0].numpy()
+        return run_bound(self.session, self.binding, self.fed, feeds)
+
+
+def bind_buffers(session, past_names: list[str], present_names: list[str], arrays: list[np.ndarray]):
+    """An IO binding with each (C-contiguous) array as both its past_key_values.* input and its present.* output:
+    the graph appends the new positions in place. Logits come back as a new CPU array."""
+    binding = session.io_binding()
+    binding.bind_output("logits", "cpu")
+    for past, present, buf in zip(past_names, present_names, arrays):
+        binding.bind_input(past, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        binding.bind_output(present, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+    return binding
+
+
+def run_bound(session, binding, fed: list[str], feeds: dict) -> np.ndarray:
+    """Run a binding from bind_buffers with the step's other inputs (fed: the graph's inputs that are not bound);
+    -> the logits output as the graph gives it."""
+    for name in fed:
+        value = feeds.get(name)
+        if value is None:
+            raise ValueError(f"{session.path.name} needs input {name}, which onnxpipe's decoder loop does "
+                             "not feed (the manifest's io section lists the graph's inputs)")
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
+def decoder_feeds(input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                  logits_to_keep: int = 1) -> dict:
+    """A decoder-only export's inputs for one run, less the cache: logits_to_keep (where the export has it) skips the
+    LM head for all but the last positions; use_cache_branch tells a merged decoder whether there is a past."""
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "logits_to_keep": np.array([logits_to_keep], dtype=np.int64),
+            "use_cache_branch": np.array([attention_mask.shape[1] > input_ids.shape[1]])}
 
 
 class DecoderStepper:
@@ -222,11 +243,7 @@ class DecoderStepper:
 
     def _run(self, input_ids, position_ids, cache_feeds) -> np.ndarray:
         self.step_input_lengths.append(int(input_ids.shape[1]))
-        # logits_to_keep (when the export has it), 1 by default, skips the LM head for all but the last position
-        # at prefill
-        feeds = {"input_ids": input_ids, "attention_mask": self.attention_mask, "position_ids": position_ids,
-                 "logits_to_keep": np.array([self.logits_to_keep], dtype=np.int64),
-                 "use_cache_branch": np.array([self.attention_mask.shape[1] > input_ids.shape[1]])}  # merged decoders
+        feeds = decoder_feeds(input_ids, self.attention_mask, position_ids, self.logits_to_keep)
         if self.shared is not None:
             self.logits = self.shared.run(feeds)
             return np.array(self.logits[:, -1, :], dtype=np.float32)

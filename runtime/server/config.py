@@ -31,6 +31,8 @@ class ServerConfig:
     retry_after_s: int = _option(1, "--retry-after", "the Retry-After header of a 503, in seconds")
     max_running: int = _option(16, "--max-running", "text-generation: sequences decoding together (continuous "
                                "batching; 0: one request at a time)")
+    prefix_cache_mb: float = _option(64.0, "--prefix-cache-mb", "text-generation: KV of known prompt prefixes kept "
+                                     "(a chat template's system prompt, earlier turns), MB per model (0: off)")
     # per-request budgets: a request over one gets 422 naming it
     max_inputs: int = _option(64, "--max-inputs", "inputs (list items) per request")
     max_input_tokens: int = _option(32768, "--max-input-tokens", "tokens over all the inputs of one request")
@@ -57,9 +59,9 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.max_running, bool) or not isinstance(self.max_running, int) or self.max_running < 0:
             raise ValueError(f"max_running must be an integer >= 0, got {self.max_running!r}")
-        for name in ("max_wait_ms", "request_timeout_s", "header_timeout_s", "keep_alive_s"):
+        for name in ("max_wait_ms", "prefix_cache_mb", "request_timeout_s", "header_timeout_s", "keep_alive_s"):
             value = getattr(self, name)
-            positive = name != "max_wait_ms"
+            positive = name not in ("max_wait_ms", "prefix_cache_mb")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or \
                     (positive and value == 0) or value == float("inf"):
                 raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")

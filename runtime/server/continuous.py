@@ -23,15 +23,19 @@ log = logging.getLogger("onnxpipe.server")
 
 
 class EngineWorker(ModelWorker):
-    def __init__(self, name: str, pipe, *, max_running: int, max_queue: int, metrics=None):
+    def __init__(self, name: str, pipe, *, max_running: int, max_queue: int, prefix_cache_mb: float = 64,
+                 metrics=None):
         super().__init__(name, pipe, max_batch_size=1, max_wait_ms=0, max_queue=max_queue, threads=1, metrics=metrics)
-        self.engine = GenerationEngine(pipe, max_running=max_running)
-        self.max_running = max_running
+        self.engine = GenerationEngine(pipe, max_running=max_running, prefix_cache_mb=prefix_cache_mb)
+        self.max_running, self.prefix_cache_mb = max_running, prefix_cache_mb
+        self._prompt_tokens = (0, 0)  # an engine replaced after a failed step: its counts carry on
         self._active: dict[Job, _Active] = {}
 
-    def counts(self) -> tuple[int, int]:
-        """(running sequences, waiting requests), for the metrics."""
-        return len(self.engine.running), len(self.engine.waiting) + len(self._queue)
+    def counts(self) -> tuple[int, int, int, int]:
+        """(running sequences, waiting requests, prompt tokens joined, those a known prefix gave), for the metrics."""
+        joined, cached = self.engine.prompt_tokens
+        return (len(self.engine.running), len(self.engine.waiting) + len(self._queue),
+                self._prompt_tokens[0] + joined, self._prompt_tokens[1] + cached)
 
     def _work(self) -> None:
         while True:
@@ -118,7 +122,9 @@ class EngineWorker(ModelWorker):
             self.engine.abort(job)
             self._finish(job, error)
         self._active.clear()
-        self.engine = GenerationEngine(self.pipe, max_running=self.max_running)  # a clean batch for what comes next
+        self._prompt_tokens = self.counts()[2:]
+        # a clean batch for what comes next
+        self.engine = GenerationEngine(self.pipe, max_running=self.max_running, prefix_cache_mb=self.prefix_cache_mb)
 
 
 class _Active:

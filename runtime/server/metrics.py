@@ -32,7 +32,8 @@ class Metrics:
         self._tokens_per_s = _Histogram(RATE_BUCKETS)                          # per finished request, by model
 
     def watch_sequences(self, model: str, counts) -> None:
-        """Read `counts()` -> (running sequences, waiting requests) at scrape time."""
+        """Read `counts()` -> (running sequences, waiting requests, prompt tokens joined, those a known prefix
+        gave) at scrape time."""
         self._sequences[model] = counts
 
     def generation_step(self, model: str, tokens: int) -> None:
@@ -103,6 +104,12 @@ class Metrics:
             lines += ["# HELP onnxpipe_waiting_requests Generation requests not yet decoding (queued or joining).",
                       "# TYPE onnxpipe_waiting_requests gauge"]
             lines += [f'onnxpipe_waiting_requests{{model="{_esc(m)}"}} {c[1]}' for m, c in counts.items()]
+            lines += ["# HELP onnxpipe_prompt_tokens_total Prompt tokens of requests that joined the running batch.",
+                      "# TYPE onnxpipe_prompt_tokens_total counter"]
+            lines += [f'onnxpipe_prompt_tokens_total{{model="{_esc(m)}"}} {c[2]}' for m, c in counts.items()]
+            lines += ["# HELP onnxpipe_prompt_tokens_cached_total Prompt tokens taken from the prefix cache, not "
+                      "prefilled again.", "# TYPE onnxpipe_prompt_tokens_cached_total counter"]
+            lines += [f'onnxpipe_prompt_tokens_cached_total{{model="{_esc(m)}"}} {c[3]}' for m, c in counts.items()]
             for name, hist, text in (
                     ("onnxpipe_tokens_per_step", self._step_tokens, "Tokens decoded by one engine step."),
                     ("onnxpipe_time_to_first_token_seconds", self._first_token, "Request received to first token."),

@@ -76,7 +76,7 @@ class ModelPool:
                     pipe.model.session(role)
                 if pipe.continuous_batching and c.max_running > 0:
                     worker = EngineWorker(name, pipe, max_running=c.max_running, max_queue=c.max_queue,
-                                          metrics=self.metrics)
+                                          prefix_cache_mb=c.prefix_cache_mb, metrics=self.metrics)
                     self.metrics.watch_sequences(name, worker.counts)
                 else:
                     worker = ModelWorker(name, pipe, max_batch_size=c.max_batch_size, max_wait_ms=c.max_wait_ms,
