@@ -3,8 +3,10 @@
 
     python -m bench.serve_load --generation                       # SmolLM2 fp32 and int8, 1/4/8/16 clients
     python -m bench.serve_load --generation --model DIR --precisions fp32 --clients 1,8
+    python -m bench.serve_load --generation --modes after,after-no-prefix-cache   # what the prefix cache gives
 
-Each client streams chat completions (SSE) one after another (closed loop), with greedy decoding and a stop
+Each client streams chat completions (SSE) one after another (closed loop), each a question of its own (one of six,
+numbered: the server's prefix cache knows only the chat template's start of it), with greedy decoding and a stop
 string that never occurs, so each request decodes exactly its max_tokens: --new-tokens on average, spread by
 --length-spread (default 0.5: uniform in 24..72 for 48, the same draws for every server, seeded by the
 request's index). With --length-spread 0 every request decodes the same count, so closed-loop clients stay in
@@ -26,7 +28,9 @@ from pathlib import Path
 
 from .serve_load import RESULTS, Server, _quantile, machine, write_report
 
-MODES = {"after": ["--max-running", "16"], "before": ["--max-running", "0"]}
+MODES = {"after": ["--max-running", "16"], "before": ["--max-running", "0"],
+         # the engine without its prefix cache: what the chat template's known start saves
+         "after-no-prefix-cache": ["--max-running", "16", "--prefix-cache-mb", "0"]}
 PROMPTS = ["Tell me a story about a lighthouse.", "What is the capital of France?",
            "Explain how rain forms, step by step.", "Write a short poem about the sea.",
            "Give me three tips for learning to cook.", "Why is the sky blue?"]
@@ -38,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="text-generation model folder (default: SmolLM2, the built-in default)")
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--clients", default="1,4,8,16")
+    ap.add_argument("--modes", default="after,before", help=f"servers to compare, of {', '.join(MODES)}")
     ap.add_argument("--new-tokens", type=int, default=48, help="max_tokens of a request, on average")
     ap.add_argument("--length-spread", type=float, default=0.5,
                     help="max_tokens drawn uniformly in new_tokens x [1 - spread, 1 + spread] (0: all the same)")
@@ -50,6 +55,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     model = Path(args.model) if args.model else _smollm2()
     clients = [int(c) for c in args.clients.split(",")]
+    modes = {m: MODES[m] for m in args.modes.split(",")}
     extra = ["--threads", str(args.threads)] if args.threads else []
     load_before = os.getloadavg()
     runs = []
@@ -57,12 +63,12 @@ def main(argv=None) -> int:
         with contextlib.ExitStack() as stack:
             flags = ["--precision", precision, "--max-queue", "256", "--timeout", "600", *extra]
             servers = {mode: stack.enter_context(Server(model, [*mode_flags, *flags]))
-                       for mode, mode_flags in MODES.items()}
+                       for mode, mode_flags in modes.items()}
             for srv in servers.values():  # warm-up, not counted
                 asyncio.run(load(srv.url, 2, 2, 8, 60, 0.0))
             for c in clients:
                 requests = args.requests or 6 * c
-                for i, mode in enumerate(MODES if c % 2 == 0 else list(MODES)[::-1]):
+                for mode in (list(modes) if c % 2 == 0 else list(modes)[::-1]):
                     stats = summarize(asyncio.run(load(servers[mode].url, c, requests, args.new_tokens,
                                                        args.time_limit, args.length_spread)))
                     stats.update(precision=precision, mode=mode, clients=c)
@@ -97,7 +103,9 @@ async def load(url: str, concurrency: int, requests: int, new_tokens: int, time_
     async def client_loop(client):
         nonlocal issued
         while issued < requests and time.perf_counter() < deadline:
-            prompt = PROMPTS[issued % len(PROMPTS)]
+            # a question of its own for every request (a user's, not one asked again): what a prefix cache may
+            # know of it is the chat template's start, as for distinct users
+            prompt = f"{PROMPTS[issued % len(PROMPTS)]} (Question {issued + 1}.)"
             wanted = max_tokens(issued, new_tokens, spread)
             issued += 1
             body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": wanted,
@@ -166,7 +174,8 @@ def markdown(report: dict) -> str:
              f"tokens per request on average (spread {report.get('length_spread', 0)}: "
              f"{'all the same, clients in lockstep' if not report.get('length_spread') else 'mixed lengths'}), "
              f"greedy; load average {m['loadavg_1m_before']} -> {m['loadavg_1m_after']}. after: "
-             "continuous batching (--max-running 16); before: one request at a time (--max-running 0).", "",
+             "continuous batching (--max-running 16); before: one request at a time (--max-running 0); "
+             "after-no-prefix-cache: continuous batching with --prefix-cache-mb 0.", "",
              "| precision | server | clients | aggregate tok/s | per-stream tok/s (p50) | TTFT p50 (ms) | TTFT p99 (ms) | requests |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
