@@ -41,6 +41,9 @@ def current(out: Path) -> bool:
         return False
     manifest = json.loads((out / "onnxpipe.json").read_text())
     int8 = (manifest.get("quantization") or {}).get("int8")
+    optimization = manifest.get("optimization") or {}
+    if optimization.get("model_type") == "bert" and "runtime_disabled_optimizers" not in optimization:
+        return False  # fused before encoders kept Add + LayerNormalization unfused
     if manifest["task"] != "text-generation" or int8 is None:
         return True
     opt = manifest.get("optimization") or {}

@@ -62,6 +62,10 @@ def check_manifest(manifest, folder: Path) -> None:
     f.field(m, "is_encoder_decoder", bool, optional=True)
     for name in ("generation", "task_specific_params", "sentence_embedding", "optimization"):
         f.field(m, name, dict, optional=True)
+    optimization = m.get("optimization") if isinstance(m.get("optimization"), dict) else {}
+    for i, name in enumerate(f.field(optimization, "runtime_disabled_optimizers", list, "optimization",
+                                     optional=True) or []):
+        f.check(name, str, f"optimization.runtime_disabled_optimizers[{i}]")
     kv = f.field(m, "kv_cache", dict, optional=True)
     if kv is not None:
         for name in ("num_kv_heads", "head_dim"):

@@ -69,8 +69,10 @@ class ModelDir:
             entry = self.manifest["files"].get(role)
             if entry is None:
                 raise ValueError(f"model dir '{self.path}' has no '{role}' graph (it has: {', '.join(self.roles)})")
-            session = Session(self.path / entry[self.precision]["path"], self.session_config)
-            fused = ((self.manifest.get("optimization") or {}).get("fused_ops") or {}).get("GroupQueryAttention")
+            optimization = self.manifest.get("optimization") or {}
+            session = Session(self.path / entry[self.precision]["path"], self.session_config,
+                              disabled_optimizers=tuple(optimization.get("runtime_disabled_optimizers") or ()))
+            fused = (optimization.get("fused_ops") or {}).get("GroupQueryAttention")
             if session.device == "cuda" and fused and self.precision != "fp16":
                 Session._warn_once(f"onnxpipe: {self.path.name} was exported with --attention gqa (com.microsoft "
                                    "GroupQueryAttention, the fastest on CPU), which ONNX Runtime's CUDA provider runs in "

@@ -134,7 +134,7 @@ class Session:
 
     def __init__(self, path: str | os.PathLike, config: SessionConfig | None = None, *, device=None,
                  intra_op_num_threads: int | None = None, inter_op_num_threads: int | None = None,
-                 session_options=None, session_cache=None):
+                 session_options=None, session_cache=None, disabled_optimizers: tuple[str, ...] = ()):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -143,6 +143,12 @@ class Session:
                                        session_cache=session_cache)
         kind, index = parse_device(self.config.device)
         so = self.config.ort_options(ort)
+        # ONNX Runtime graph optimizers the graph's export asks to leave off (manifest
+        # optimization.runtime_disabled_optimizers: fusions it left out on purpose, which would otherwise come back
+        # at load); given session_options are used as they are
+        self.disabled_optimizers = tuple(disabled_optimizers) if self.config.session_options is None else ()
+        if self.disabled_optimizers:
+            so.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(self.disabled_optimizers))
         #: the SessionOptions the session was created with
         self.options = so
         #: where the optimized, pre-packed graph this session loaded (or wrote) lives; None when not cached
@@ -187,7 +193,7 @@ class Session:
         (original and pre-packed). A cache that cannot be written is skipped (with a warning when the folder
         was asked for) and the session is created as usual.
         """
-        entry = cache / _entry_name(self.path, ort.__version__, so.intra_op_num_threads)
+        entry = cache / _entry_name(self.path, ort.__version__, so.intra_op_num_threads, self.disabled_optimizers)
         graph = entry / "model.onnx"
         providers = ["CPUExecutionProvider"]
         if graph.exists():
@@ -423,14 +429,15 @@ def _weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in _graph_files(path))
 
 
-def _entry_name(path: Path, ort_version: str, threads: int) -> str:
-    """STEM-PATH-FILES-ENV: which file, which version of it, and what it was packed for (runtime, CPU, threads)."""
+def _entry_name(path: Path, ort_version: str, threads: int, disabled_optimizers: tuple[str, ...] = ()) -> str:
+    """STEM-PATH-FILES-ENV: which file, which version of it, and what it was packed for (runtime, CPU, threads,
+    optimizers left off)."""
     files = []
     for f in _graph_files(path):
         st = f.stat()
         files += [f.name, str(st.st_size), str(st.st_mtime_ns)]
     return "-".join([path.stem, _digest(str(path.resolve()), 8), _digest("\0".join(files), 8),
-                     _digest("\0".join([ort_version, str(threads), _cpu_flags()]), 8)])
+                     _digest("\0".join([ort_version, str(threads), _cpu_flags(), *disabled_optimizers]), 8)])
 
 
 def _digest(text: str, n: int) -> str:

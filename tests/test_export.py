@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+import onnxpipe
 from onnxpipe.export import ExportError, export_model
 from onnxpipe.export.checkpoint import model_class
 from onnxpipe.models.sources import sha256_file
@@ -130,6 +131,31 @@ def test_optimize_fuses_encoders(arch):
     opt = _manifest(out)["optimization"]
     assert opt["applied"] is True and opt["nodes_after"] < opt["nodes_before"]
     assert _manifest(out)["validation"]["passed"]
+
+
+def test_encoders_keep_add_and_layer_norm_unfused_and_their_sessions_do_too(tmp_path):
+    """ONNX Runtime's SkipLayerNormalization CPU kernel is slower than Add + LayerNormalization: the export leaves
+    them unfused (attention still fused) and says so in the manifest, and the runtime's sessions keep ONNX Runtime
+    from fusing them back at load (read off the graph it optimized, through the session cache)."""
+    import onnx
+
+    from onnxpipe.session import Session
+
+    out = tiny_export("bert", "text-classification", optimize=True)
+    opt = _manifest(out)["optimization"]
+    assert opt["runtime_disabled_optimizers"] == ["SkipLayerNormFusion"] and opt["fused_ops"]["Attention"] > 0
+    for precision in ("fp32", "int8"):
+        pipe = onnxpipe.pipeline("text-classification", model=out, precision=precision, session_cache=tmp_path / precision)
+        session = pipe.model.session("model")
+        assert session.disabled_optimizers == ("SkipLayerNormFusion",)
+        pipe("a test")
+        saved = onnx.load(str(session.cached_from / "model.onnx"), load_external_data=False)
+        ops = {n.op_type for n in saved.graph.node}
+        assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops, (precision, sorted(ops))
+        # without the manifest's word ONNX Runtime fuses them: the check above can fail
+        plain = Session(session.path, session_cache=tmp_path / f"{precision}-fused")
+        fused = onnx.load(str(plain.cached_from / "model.onnx"), load_external_data=False)
+        assert "SkipLayerNormalization" in {n.op_type for n in fused.graph.node}
 
 
 def test_optimize_is_skipped_with_a_note_for_t5(tmp_path):

@@ -28,6 +28,17 @@ def _precision(c: dict) -> str:
     return ", ".join(parts)
 
 
+def _load_note(start, threads) -> str:
+    """What the load at the start says of the figures: the run's own threads make a load of about `threads`."""
+    one_min = (start or [0])[0]
+    if one_min > (threads or 2) + 0.5:
+        return ("- the load was not this run's alone: other work shared the machine's cores when it started. Absolute "
+                "figures are below an idle machine's and ratios between engines move with the load (engines wait for "
+                "descheduled threads differently); read the ratios with the load beside them")
+    return ("- the machine was otherwise quiet: a load near the thread count is this run's own engines; each round's "
+            "load is beside its table")
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = ["# onnxpipe vs the fast engines (`python -m bench peers`)", "",
@@ -40,10 +51,7 @@ def markdown(res: dict) -> str:
              "engine's own call; contenders of a workload take turns in a fresh seeded order every round; a ratio is "
              "the peer's rate over onnxpipe's at the same precision in the same round (median, min–max over rounds): "
              "**> 1 means the peer is faster**",
-             f"- {m.get('omp_wait_policy', '')}", "",
-             "- the load was not this run's: the machine's 2 cores were shared with other sessions (a training run, "
-             "benchmarks, tests). Absolute figures are well below an idle machine's and ratios between engines move "
-             "with the load (engines wait for descheduled threads differently); read the ratios with the load beside them",
+             f"- {m.get('omp_wait_policy', '')}", "", _load_note(m.get("loadavg_start"), m.get("threads")),
              "", "## Installs", "", "| engine | versions | runtime install size |", "|---|---|---|"]
     for e, r in res["installs"].items():
         if "error" in r:
