@@ -165,6 +165,10 @@ def test_prefix_cache_keeps_whole_blocks_checks_tokens_and_evicts_the_least_rece
     cache.store(np.arange(200, 200 + 3 * BLOCK), kv(3 * BLOCK, 3.0))  # over max_bytes: the 100s go
     assert cache.lookup(np.arange(100, 100 + 3 * BLOCK)) is None and cache.lookup(a) is not None
     assert cache.bytes <= cache.max_bytes
+    live = np.zeros((1, 2 * BLOCK, 4), np.float32)  # one KV head: a row's positions are contiguous, a view would do
+    cache.store(np.arange(300, 300 + 2 * BLOCK), [live])
+    live[:] = 7  # the batch's row is reused
+    assert cache.lookup(np.arange(300, 300 + 2 * BLOCK))[0][0].max() == 0
 
 
 def test_beam_search_is_refused_clearly():

@@ -67,7 +67,7 @@ class PrefixCache:
             self._entries.move_to_end(known[0])
             return
         n = blocks * BLOCK
-        kept = [np.ascontiguousarray(a[:, :n]) for a in arrays]
+        kept = [np.array(a[:, :n], copy=True) for a in arrays]  # a copy always: the arrays may be views of live rows
         size = sum(a.nbytes for a in kept)
         if size > self.max_bytes:
             return
