@@ -180,8 +180,10 @@ def process_cpu(serve_pid: int, before: dict | None = None) -> dict:
 
 def batch_figures(model: Path, texts: list[str], args) -> dict:
     """Rows/s labelling args.rows rows: one process (1 thread) vs Ray Data with 2 actors (1 CPU each)."""
-    from onnxpipe import pipeline
-    from onnxpipe.batch_job import RowLabeller, chunks
+    import concurrent.futures
+    import multiprocessing
+
+    from onnxpipe.batch_job import chunks
     from onnxpipe.ray.data import label_chunks
 
     values = [texts[i % len(texts)] for i in range(args.rows)]
@@ -190,19 +192,20 @@ def batch_figures(model: Path, texts: list[str], args) -> dict:
     for rep in range(args.repeats):
         order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
         for name in order:
-            t0 = time.perf_counter()
             if name == "single process":
-                labeller = RowLabeller(pipeline(model=str(model), intra_op_num_threads=1))
-                results = (labeller.label(p) for p in pieces)
+                # in a process of its own, as `onnxpipe batch` without --ray-address runs: this one holds the Ray
+                # driver, whose threads would share its core
+                with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    t0, first, last, rows = pool.submit(_label_alone, str(model), pieces).result()
             else:
-                results = label_chunks(pieces, str(model), column="text", address="auto", actors=2,
-                                       cpus_per_actor=1)
-            first = last = None
-            rows = 0
-            for answers in results:
-                last = time.perf_counter()
-                first = first or last
-                rows += len(answers)
+                t0 = time.perf_counter()
+                first = last = None
+                rows = 0
+                for answers in label_chunks(pieces, str(model), column="text", address="auto", actors=2,
+                                            cpus_per_actor=1):
+                    last = time.perf_counter()
+                    first = first or last
+                    rows += len(answers)
             assert rows == len(values), (name, rows)
             whole = last - t0
             steady_rows = rows - len(pieces[0])
@@ -213,6 +216,22 @@ def batch_figures(model: Path, texts: list[str], args) -> dict:
                   f"{steady_rows / (last - first):.0f} rows/s, start-up {first - t0:.1f} s)", flush=True)
     return {name: {"runs": r, "steady_rows_per_s": _median([x["steady_rows_per_s"] for x in r]),
                    "rows_per_s": _median([x["rows_per_s"] for x in r])} for name, r in runs.items()}
+
+
+def _label_alone(model: str, pieces: list) -> tuple[float, float, float, int]:
+    """The single-process run (a spawned process, 1 thread): (start, first chunk done, last chunk done, rows)."""
+    from onnxpipe import pipeline
+    from onnxpipe.batch_job import RowLabeller
+
+    t0 = time.perf_counter()
+    labeller = RowLabeller(pipeline(model=model, intra_op_num_threads=1))
+    first = last = None
+    rows = 0
+    for piece in pieces:
+        rows += len(labeller.label(piece))
+        last = time.perf_counter()
+        first = first or last
+    return t0, first, last, rows
 
 
 def targets(report: dict) -> list[dict]:

@@ -324,10 +324,21 @@ def _prune_tokenizer_sources(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+# ONNX Runtime optimizers an encoder's sessions turn off (manifest optimization.runtime_disabled_optimizers):
+# residual Add + LayerNormalization stay as they are, fused or not by --optimize. ONNX Runtime 1.32's
+# SkipLayerNormalization CPU kernel takes 309 us at 128 x 768 where Add + Add + LayerNormalization take 100 (its
+# float loop is scalar): BERT-base --optimize L128 int8 1.17x, fp32 1.07x, L16 1.05x; the plain MiniLM-L6 default
+# int8 1.10x (L16) and 1.12x (L128), fp32 the same (Intel Xeon AMX, interleaved A/Bs of 16 rounds: issue 26).
+# Without the word the runtime's own level-2 optimizer fuses them at load.
+ENCODER_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
+
 def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: str = "gqa") -> dict:
-    if not optimize:
-        return {"applied": False, "note": "not requested (--optimize)"}
     model_type = OPTIMIZER_MODEL_TYPES.get(config.model_type)
+    encoder = model_type == "bert" and set(roles) == {"model"}
+    runtime = {"runtime_disabled_optimizers": list(ENCODER_DISABLED_OPTIMIZERS)} if encoder else {}
+    if not optimize:
+        return {"applied": False, "note": "not requested (--optimize)", **runtime}
     if model_type is None or set(roles) != {"model"}:
         note = (f"skipped: ONNX Runtime's transformer fusions are applied to encoders and Llama-family decoders only "
                 f"({', '.join(sorted(OPTIMIZER_MODEL_TYPES))}); {config.model_type} gains nothing or breaks "
@@ -339,18 +350,12 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
     path = out / roles["model"]
     num_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", 0)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", 0)
-    options, extra = None, ({"attention": attention} if model_type == "gpt2" else {})
-    if model_type == "bert":
-        # residual Add + LayerNormalization stay as they are: ONNX Runtime 1.32's SkipLayerNormalization CPU kernel
-        # takes 309 us at 128 x 768 where Add + Add + LayerNormalization take 100 (its float loop is scalar), so
-        # BERT-base L128 int8 runs 1.18-1.25x faster unfused and fp32 1.07x (L16 the same within noise; Intel Xeon
-        # AMX, a study interleaving 20 variants: issue 26). The runtime must then keep its own SkipLayerNormFusion
-        # off for these graphs, or it fuses them back when it loads them: said in the manifest for the sessions.
+    options, extra = None, ({"attention": attention} if model_type == "gpt2" else dict(runtime))
+    if encoder:  # the residual Add + LayerNormalization left unfused (ENCODER_DISABLED_OPTIMIZERS)
         from onnxruntime.transformers.fusion_options import FusionOptions
 
         options = FusionOptions("bert")
         options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
-        extra["runtime_disabled_optimizers"] = ["SkipLayerNormFusion"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = optimize_model(str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden, opt_level=1,

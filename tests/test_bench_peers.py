@@ -84,3 +84,56 @@ def test_report_names_the_cpu_the_load_the_precisions_and_what_failed(tmp_path):
     assert text.count(report.README_START) == 1 and "kept" in text and text.endswith("## Next\n\nalso kept\n")
     assert "vs the fast engines" in text and "Test CPU" in text and "openvino 257 MB" in text
     assert text.index("vs the fast engines") < text.index("## Next")
+
+
+def test_report_renders_the_batch_decode_workload_what_each_engine_offers_and_the_server_figures(tmp_path):
+    from bench.peers.run import BATCHING, _server_concurrent
+
+    res = _result()
+    c = lambda v, p, how, ratio=None, agree=16: {
+        "info": {"precision": p, "batching": how}, "tokens_per_s": v, "min": v - 1, "max": v + 1, "per_round": [v - 1, v + 1],
+        "greedy_agrees_with_onnxpipe_fp32_for": agree, **({"ratio_vs_onnxpipe": ratio} if ratio else {})}
+    res["decode_batch"] = [{"workload": "SmolLM2-135M decode b8, fp32", "precision": "fp32", "batch": 8, "rounds": 2,
+                            "prompt_tokens": 64, "new_tokens": 16, "loadavg_1min_per_round": [1.5, 1.6],
+                            "reference": "onnxpipe fp32",
+                            "errors": {"CTranslate2 float32": "load failed: boom"},
+                            "contenders": {"onnxpipe fp32": c(160.0, "fp32", "GenerationEngine (continuous batching)"),
+                                           "llama.cpp F32 (low-level batch)": c(
+                                               200.0, "F32", "low-level API", {"median": 1.25, "min": 1.2, "max": 1.3,
+                                                                               "rounds": 2}, agree=11)}}]
+    res["batching"] = dict(BATCHING)
+    serve = tmp_path / "serve_generation.json"
+    serve.write_text(json.dumps({"machine": {"cpus": 2, "cpu_model": "Test CPU", "loadavg_1m_before": 1.0,
+                                             "loadavg_1m_after": 1.5}, "new_tokens": 48, "length_spread": 0.5,
+                                 "runs": [{"precision": "fp32", "mode": "after", "clients": 8, "aggregate_tokens_per_s": 167.1,
+                                           "stream_tokens_per_s_p50": 24.0, "ttft_p50_ms": 135.4},
+                                          {"precision": "fp32", "mode": "before", "clients": 8,
+                                           "aggregate_tokens_per_s": 45.4, "stream_tokens_per_s_p50": 50.6,
+                                           "ttft_p50_ms": 6278.8}]}))
+    res["server_concurrent"] = _server_concurrent(serve)
+    assert [r["aggregate_tokens_per_s"] for r in res["server_concurrent"]["runs"]] == [167.1]  # the engine's, not one at a time
+    assert _server_concurrent(tmp_path / "absent.json") is None
+    res = json.loads(json.dumps(res))
+    md = report.markdown(res)
+    assert "## SmolLM2-135M decode b8, fp32" in md and "aggregate tok/s" in md and "8 news articles" in md
+    assert "| llama.cpp F32 (low-level batch) | F32 | low-level API | 200.0 (199.0–201.0) | **1.25** (1.20–1.30) | 11 |" in md
+    assert "CTranslate2 float32 | failed: load failed: boom" in md
+    assert "What each engine offers" in md and "continuous batching" in md and "llama-server --parallel" in md
+    assert "concurrent clients" in md and "| fp32 | 8 | 167.1 |" in md and "45.4" not in md
+    assert "| SmolLM2-135M decode b8, fp32 | ❌ no | llama.cpp F32 (low-level batch) 1.25x |" in md  # the targets table
+    table = "\n".join(report.summary_table(res))
+    assert "| SmolLM2-135M decode b8, fp32 (160 tok/s) |" in table and "**1.25** (F32 (low-level batch))" in table
+    # a result without the workload (an older peers.json) renders as before
+    old = _result()
+    assert "decode b8" not in report.markdown(old) and "What each engine offers" not in report.markdown(old)
+
+
+def test_a_run_can_be_narrowed_to_some_workloads(monkeypatch):
+    from bench.peers.run import WORKLOADS, _workloads
+
+    assert _workloads() == list(WORKLOADS)
+    assert _workloads(["encode", "decode_b8"]) == ["decode_b8", "encode"]  # in the run's order
+    monkeypatch.setenv("ONNXPIPE_PEERS_WORKLOADS", "decode_b8")  # no such switch: a full run stays whole
+    assert _workloads() == list(WORKLOADS)
+    with pytest.raises(ValueError, match="unknown workload"):
+        _workloads(["decode_b16"])

@@ -1,6 +1,7 @@
 """Session: provider choice, the CUDA fallback warning, threads, and errors naming what was wrong."""
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -128,12 +129,13 @@ def test_session_cache_saves_the_optimized_graph_once_and_loads_it_after(tiny, t
     shutil.copytree(tiny.export("bert", "text-classification"), folder)
     cache = tmp_path / "cache"
     plain = Session(folder / "model.onnx").run(_bert_feeds())["logits"]
-    first = Session(folder / "model.onnx", session_cache=cache)
+    word = _disabled_optimizers(folder)  # as the pipeline's sessions have it (its entry is keyed by it)
+    first = Session(folder / "model.onnx", session_cache=cache, disabled_optimizers=word)
     entries = list(cache.iterdir())
     assert len(entries) == 1 and first.cached_from == entries[0], "the first load writes one entry"
     assert (entries[0] / "model.onnx").exists() and (entries[0] / "model.onnx.data").exists()
     mtime = (entries[0] / "model.onnx").stat().st_mtime_ns
-    second = Session(folder / "model.onnx", session_cache=cache)
+    second = Session(folder / "model.onnx", session_cache=cache, disabled_optimizers=word)
     assert second.cached_from == entries[0] and (entries[0] / "model.onnx").stat().st_mtime_ns == mtime, "loaded, not rewritten"
     for s in (first, second):
         np.testing.assert_allclose(s.run(_bert_feeds())["logits"], plain, atol=1e-5)
@@ -141,6 +143,13 @@ def test_session_cache_saves_the_optimized_graph_once_and_loads_it_after(tiny, t
     pipe = onnxpipe.pipeline("text-classification", model=folder, session_cache=cache)
     assert pipe("a short text") == onnxpipe.pipeline("text-classification", model=folder)("a short text")
     assert pipe.model.session().cached_from == entries[0]
+    other = Session(folder / "model.onnx", session_cache=cache)  # ONNX Runtime's own fusions all on: another graph
+    assert other.cached_from != entries[0] and len(list(cache.iterdir())) == 2
+
+
+def _disabled_optimizers(folder) -> tuple:
+    manifest = json.loads((folder / "onnxpipe.json").read_text())
+    return tuple(manifest["optimization"].get("runtime_disabled_optimizers") or ())
 
 
 def test_session_cache_entry_follows_the_source_files_and_threads(tiny, tmp_path):
@@ -171,7 +180,7 @@ def test_large_graphs_use_the_default_session_cache_unless_it_is_turned_off(tiny
     assert Session(folder / "model.onnx").cached_from is None, "a tiny graph is below the default's size"
     assert not default.exists()
     monkeypatch.setattr(session_mod, "DEFAULT_CACHE_MIN_BYTES", 1)  # as if the graph were large
-    first = Session(folder / "model.onnx")
+    first = Session(folder / "model.onnx", disabled_optimizers=_disabled_optimizers(folder))
     assert first.cached_from is not None and first.cached_from.parent == default
     second = onnxpipe.pipeline("text-classification", model=folder)
     assert second.model.session().cached_from == first.cached_from

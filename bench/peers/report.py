@@ -77,6 +77,7 @@ def markdown(res: dict) -> str:
         for label, e in row.get("errors", {}).items():
             lines.append(f"| {label} | failed: {e[:120]} | | | |")
         lines.append("")
+    lines += batch_md(res)
     for row in res.get("encode", []):
         lines += [f"## {row['workload']}", "",
                   f"One forward on the same ids (the model alone, no tokenizer), median of {row['forwards_per_round']} per "
@@ -109,6 +110,46 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def batch_md(res: dict) -> list[str]:
+    """The batch decode workload's tables and what batching each engine offers."""
+    rows = res.get("decode_batch") or []
+    out = []
+    for row in rows:
+        b = row.get("batch", 8)
+        out += [f"## {row['workload']}", "",
+                f"{b} different prompts decoding together (the first {row['prompt_tokens']} tokens of {b} news articles, "
+                f"equal lengths: no engine pads), greedy, {row['new_tokens']} new tokens each; aggregate decode tokens/s: "
+                f"the {b} sequences' tokens after their first over the time from the step that gave the first tokens to "
+                f"the last step; {row['rounds']} rounds; 1-min load per round {_load(row['loadavg_1min_per_round'])}.", "",
+                "| contender | precision | batching | aggregate tok/s (min–max) | peer / onnxpipe | greedy tokens equal to "
+                f"onnxpipe fp32's (least of the {b} sequences) |", "|---|---|---|---|---|---|"]
+        for label, c in row["contenders"].items():
+            how = (c.get("info") or {}).get("batching", "–")
+            out.append(f"| {label} | {_precision(c)} | {how} | {c['tokens_per_s']:.1f} ({c['min']:.1f}–{c['max']:.1f}) | "
+                       f"{_ratio(c)} | {c.get('greedy_agrees_with_onnxpipe_fp32_for', '–')} |")
+        for label, e in row.get("errors", {}).items():
+            out.append(f"| {label} | failed: {e[:120]} | | | | |")
+        out.append("")
+    srv = res.get("server_concurrent")
+    if rows and srv and srv.get("runs"):
+        out += ["## onnxpipe's server under concurrent clients (a separate run)", "",
+                f"From `{srv['command']}` ({srv['source']}; {srv.get('cpu')}, {srv.get('cpus')} CPUs shared by the clients "
+                f"and the server, 1-min load {_load([x for x in srv.get('loadavg_1m') or [] if x is not None])}): "
+                "the continuous-batching engine above behind HTTP, streaming chat completions (SSE), greedy, "
+                f"{srv.get('new_tokens')} new tokens per request on average (spread {srv.get('length_spread')}), "
+                "closed-loop clients. Not interleaved with the peers; no peer's server was run (llama-cpp-python does "
+                "not build `llama-server`).", "",
+                "| precision | clients | aggregate tok/s | per-stream tok/s (p50) | TTFT p50 (ms) |", "|---|---|---|---|---|"]
+        out += [f"| {r['precision']} | {r['clients']} | {r['aggregate_tokens_per_s']} | {r['stream_tokens_per_s_p50']} | "
+                f"{r['ttft_p50_ms']} |" for r in srv["runs"]]
+        out.append("")
+    if rows and res.get("batching"):
+        out += ["## What each engine offers for decoding several sequences together", ""]
+        out += [f"- **{e}**: {v}" for e, v in res["batching"].items()]
+        out.append("")
+    return out
+
+
 def targets_md(res: dict) -> list[str]:
     """Issue 26's speed targets on this CPU, from the ratios: onnxpipe >= every peer at the same precision (a peer's
     median ratio <= 1). The OpenVINO-default rows are judged against onnxpipe's int8 (its fastest path)."""
@@ -117,7 +158,7 @@ def targets_md(res: dict) -> list[str]:
            "onnxpipe >= every peer at the same precision (median ratio <= 1); fidelity targets are in "
            "`python -m bench fidelity` and the int4 perplexity table below.", "", "| workload | holds? | faster peers |",
            "|---|---|---|"]
-    for row in res.get("decode", []) + res.get("encode", []):
+    for row in res.get("decode", []) + res.get("decode_batch", []) + res.get("encode", []):
         key = "ratio_vs_onnxpipe_int8" if row["precision"] == "native default" else "ratio_vs_onnxpipe"
         faster = [f"{label} {c[key]['median']:.2f}x" for label, c in row["contenders"].items()
                   if not label.startswith("onnxpipe") and c.get(key) and c[key]["median"] > 1]
@@ -146,7 +187,7 @@ def summary_table(res: dict) -> list[str]:
            "venvs under `.cache/peers/` once, llama.cpp compiled without AMX). "
            "Full tables, precisions, the targets and what could not run: [bench/results/peers.md](bench/results/peers.md).", "",
            "| workload (onnxpipe) | " + " | ".join(head[p] for p, _ in peers) + " |", "|---|" + "---|" * len(peers)]
-    for row in res.get("decode", []) + res.get("encode", []):
+    for row in res.get("decode", []) + res.get("decode_batch", []) + res.get("encode", []):
         ref = row["contenders"].get(row["reference"])
         if row["workload"].startswith("SmolLM2"):
             ours = f"{ref['tokens_per_s']:.0f} tok/s" if ref else "–"

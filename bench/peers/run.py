@@ -5,6 +5,10 @@ onnxruntime-genai, llama.cpp (llama-cpp-python), CTranslate2 and OpenVINO, each 
 the same inputs and the same thread count. Contenders of one workload take turns in a seeded shuffle each round
 (the machine is shared: whatever else runs hits them all alike) and each peer's ratio to onnxpipe at the same
 precision is taken round by round (> 1: the peer is faster).
+
+Workloads: SmolLM2-135M decode at batch 1 and at batch 8 (8 prompts decoding together: onnxpipe's continuous-batching
+engine, the peers' batch APIs; BATCHING says what each engine offers), int4 with the LM head in 4 bits too (its
+perplexity), BERT-base encode. `python -m bench.peers.run decode_b8` runs some alone (into bench/results/quick/).
 """
 from __future__ import annotations
 
@@ -28,6 +32,26 @@ PROMPT_TOKENS = 64
 # (load average ~5.7): llama.cpp Q4_1 decoded 0.2 tok/s with the default wait, 33 with OMP_WAIT_POLICY=PASSIVE and
 # 37 with 1 thread. Every worker gets the passive wait (ONNX Runtime and OpenVINO do not use OpenMP here).
 OMP_WAIT = "PASSIVE"
+BATCH = 8  # the batch decode workload's sequences
+# the sections of a run, in order; `python -m bench.peers.run a b` runs only those
+WORKLOADS = ("decode", "decode_b8", "int4_head", "encode")
+# what each engine offers for decoding several sequences together (issue 26: "record what each engine offers")
+BATCHING = {
+    "onnxpipe": "continuous batching: `onnxpipe.generation.engine.GenerationEngine` (requests join and leave between "
+                "steps, one session call per step for all; the server runs it, `--max-running 16` by default); the "
+                "pipeline also takes a static batch (`batch_size=`). Measured here: the engine.",
+    "onnxruntime-genai": "static batch in its Python API: `GeneratorParams.set_search_options(batch_size=B)` and one "
+                         "[B, length] prompt array per Generator (every sequence starts together; equal lengths here, "
+                         "unequal ones are padded with its pad token); no continuous batching in 0.18. Measured here.",
+    "llama.cpp": "llama-cpp-python's high-level `Llama` decodes one sequence (context n_seq_max 1, `generate()` takes "
+                 "one prompt); its low-level bindings (`llama_batch` with a seq_id per sequence, `n_seq_max`, one "
+                 "`llama_decode` per step) do what `llama-server --parallel N` does with its slots (continuous "
+                 "batching over slots; the server binary is not built by llama-cpp-python and was not built here). "
+                 "Measured here: the low-level API, greedy argmax in Python.",
+    "ctranslate2": "static batch: `Generator.generate_batch` (sequences that finish leave the batch; `max_batch_size`, "
+                   "`batch_type` split large ones); continuous batching is not in its Python API. Measured here.",
+    "openvino": "not a decoder peer here (decoding needs optimum-intel / openvino-genai exports): not measured.",
+}
 
 
 class Worker:
@@ -73,11 +97,25 @@ def _jsonable(x):
     raise TypeError(type(x))
 
 
-def run(threads: int, quick: bool, meta: dict) -> dict:
+def _workloads(asked=None) -> list[str]:
+    """The workloads asked for (all when none): only `python -m bench.peers.run`, which writes a partial file, asks
+    for some, so a full run's peers.json and README table are never replaced by part of one."""
+    asked = asked or []
+    unknown = [w for w in asked if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload {', '.join(unknown)}: use any of {', '.join(WORKLOADS)}")
+    return [w for w in WORKLOADS if w in asked] if asked else list(WORKLOADS)
+
+
+def run(threads: int, quick: bool, meta: dict, workloads: list[str] | None = None) -> dict:
     (models.MODELS.parent / "logs").mkdir(parents=True, exist_ok=True)
+    todo = _workloads(workloads)
+    if todo != list(WORKLOADS):
+        meta["workloads"] = todo
     meta["omp_wait_policy"] = (f"OMP_WAIT_POLICY={OMP_WAIT} in every worker: with OpenMP's default active wait, "
                                "llama.cpp's 2 threads on the 2 shared cores stalled at every barrier (bench/peers/run.py)")
-    res: dict = {"meta": meta, "installs": {}, "preparation_errors": {}, "decode": [], "encode": []}
+    res: dict = {"meta": meta, "installs": {}, "preparation_errors": {}, "decode": [], "decode_batch": [], "encode": [],
+                 "batching": dict(BATCHING)}
     t0 = time.time()
     # ONNXPIPE_PEERS=a,b narrows the engines (a development run); the others are recorded as not asked for
     wanted = [e.strip() for e in os.environ.get("ONNXPIPE_PEERS", "").split(",") if e.strip()] or list(install.ENGINES)
@@ -93,16 +131,24 @@ def run(threads: int, quick: bool, meta: dict) -> dict:
     ok = {e for e, r in res["installs"].items() if "error" not in r}
     # a full run fits ~15 minutes on the 2 shared cores here (decode at 5-15 tok/s under a load of 8)
     plan_decode = (2, 32) if quick else (3, 96)  # rounds, new tokens
+    plan_batch = (2, 16) if quick else (3, 32)  # rounds, new tokens per sequence (BATCH sequences)
     plan_encode = (3, 3) if quick else (6, 3)  # rounds, forwards per call (their median)
-    res["decode"] = _decode(threads, ok, res["preparation_errors"], *plan_decode)
-    _stamp(res, "decode", t0)
-    try:
-        res["int4_head_fidelity"] = int4_head.perplexity(threads, n_articles=2 if quick else 4)
-    except Exception as e:
-        res["preparation_errors"]["int4 head perplexity"] = f"{type(e).__name__}: {e}"
-    _stamp(res, "int4 head perplexity", t0)
-    res["encode"] = _encode(threads, ok, res["preparation_errors"], *plan_encode)
-    _stamp(res, "encode", t0)
+    if "decode" in todo:
+        res["decode"] = _decode(threads, ok, res["preparation_errors"], *plan_decode)
+        _stamp(res, "decode", t0)
+    if "decode_b8" in todo:
+        res["decode_batch"] = _decode_batch(threads, ok, res["preparation_errors"], *plan_batch)
+        res["server_concurrent"] = _server_concurrent()
+        _stamp(res, "decode b8", t0)
+    if "int4_head" in todo:
+        try:
+            res["int4_head_fidelity"] = int4_head.perplexity(threads, n_articles=2 if quick else 4)
+        except Exception as e:
+            res["preparation_errors"]["int4 head perplexity"] = f"{type(e).__name__}: {e}"
+        _stamp(res, "int4 head perplexity", t0)
+    if "encode" in todo:
+        res["encode"] = _encode(threads, ok, res["preparation_errors"], *plan_encode)
+        _stamp(res, "encode", t0)
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["duration_s"] = round(time.time() - t0, 1)
     return res
@@ -126,8 +172,9 @@ def _onnxpipe_size_mb() -> float | None:
 
 # --- decode --------------------------------------------------------------------------------------------------------
 
-def _decode_contenders(ok: set, errors: dict, threads: int) -> dict:
-    """precision -> [(label, engine, load request)]; what cannot be prepared is recorded in `errors`."""
+def _decode_contenders(ok: set, errors: dict, threads: int, batch: bool = False) -> dict:
+    """precision -> [(label, engine, load request)]; what cannot be prepared is recorded in `errors`. With `batch`:
+    the contenders of the batch decode workload (the same weights; llama.cpp through its low-level API)."""
     hf = models.artifacts.smollm2_hf()
     onnx_dir = models.smollm2_onnx()
     groups = {p: [(f"onnxpipe {p}", "onnxpipe", {"onnx_dir": onnx_dir, "variant": p})] for p in ("fp32", "int8", "int4")}
@@ -148,7 +195,8 @@ def _decode_contenders(ok: set, errors: dict, threads: int) -> dict:
         for p, ft in (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_1")):
             try:
                 g = src if ft == "Q4_1" else _llama_requant(src, ft)
-                groups[p].append((f"llama.cpp {ft}", "llama.cpp", {"gguf": g, "variant": ft}))
+                groups[p].append((f"llama.cpp {ft}" + (" (low-level batch)" if batch else ""), "llama.cpp",
+                                  {"gguf": g, "variant": ft}))
             except Exception as e:
                 errors[f"llama.cpp {ft}"] = str(e)
     if "ctranslate2" in ok:
@@ -224,21 +272,39 @@ def _start(contenders, threads, workload, errors, extra=None) -> dict:
 
 
 def _decode(threads, ok, errors, rounds, new_tokens) -> list[dict]:
+    """One prompt (the first PROMPT_TOKENS tokens of a news article), greedy, `new_tokens`: decode tokens/s after the
+    first token."""
+    return _decode_rounds(threads, ok, errors, rounds, new_tokens, batch=1)
+
+
+def _decode_batch(threads, ok, errors, rounds, new_tokens) -> list[dict]:
+    """BATCH different prompts decoding together: the first PROMPT_TOKENS tokens of BATCH news articles (the b1
+    prompt is the first; equal lengths, so no engine pads), greedy, `new_tokens` each; the aggregate rate is every
+    sequence's tokens after its first over the time from the step that gave the first tokens to the last step."""
+    return _decode_rounds(threads, ok, errors, rounds, new_tokens, batch=BATCH)
+
+
+def _decode_rounds(threads, ok, errors, rounds, new_tokens, batch: int) -> list[dict]:
+    """The decode workloads' rounds: per precision, every contender warmed up, then each round in a fresh seeded
+    order; rates, per-round ratios to onnxpipe, and greedy agreement with onnxpipe fp32 (the least over the
+    sequences at batch > 1)."""
     from transformers import AutoTokenizer
 
     from ..generation import prompt_ids
 
-    groups = _decode_contenders(ok, errors, threads)
+    op = "decode" if batch == 1 else "decode_batch"
+    groups = _decode_contenders(ok, errors, threads, batch=batch > 1)
     tok = AutoTokenizer.from_pretrained(models.artifacts.smollm2_hf())
-    ids = prompt_ids(tok, 1, PROMPT_TOKENS)[0].tolist()
+    prompts = prompt_ids(tok, batch, PROMPT_TOKENS).tolist()
+    ids = prompts[0] if batch == 1 else prompts
     rows, ref_tokens = [], None
     for precision, contenders in groups.items():
-        print(f"bench peers: SmolLM2 decode b1 {precision}: {', '.join(c[0] for c in contenders)}", flush=True)
+        print(f"bench peers: SmolLM2 decode b{batch} {precision}: {', '.join(c[0] for c in contenders)}", flush=True)
         case_errors = {}
-        live = _start(contenders, threads, "decode", case_errors)
-        for label, (w, _) in list(live.items()):  # warm-up; a contender failing here is dropped
+        live = _start(contenders, threads, op, case_errors)
+        for label, (w, _) in list(live.items()):  # warm-up (and a batch's buffers); a contender failing here is dropped
             try:
-                w.ask(op="decode", ids=ids, n=4)
+                w.ask(op=op, ids=ids, n=4)
             except Exception as e:
                 case_errors[label] = str(e)
                 w.close()
@@ -251,19 +317,23 @@ def _decode(threads, ok, errors, rounds, new_tokens) -> list[dict]:
             for label in random.Random(r).sample(list(live), len(live)):
                 time.sleep(GAP_S)
                 try:
-                    out = live[label][0].ask(op="decode", ids=ids, n=new_tokens)
+                    out = live[label][0].ask(op=op, ids=ids, n=new_tokens)
                 except Exception as e:
                     case_errors[label] = str(e)
                     continue
-                s = out["stamps"]
-                rates[label].append((len(s) - 1) / (s[-1] - s[0]))  # decode steps/s, the prefill excluded
-                tokens[label] = out["tokens"]
+                s, t = out["stamps"], out["tokens"]
+                if batch > 1 and (len(s) != new_tokens or len(t) != batch or any(len(x) != new_tokens for x in t)):
+                    case_errors[label] = f"{len(s)} steps, tokens per sequence {[len(x) for x in t]}: not {new_tokens} each"
+                    continue
+                rates[label].append(batch * (len(s) - 1) / (s[-1] - s[0]))  # decode tokens/s, the prefill excluded
+                tokens[label] = t
         ref = f"onnxpipe {precision}"
         if ref_tokens is None:
             ref_tokens = tokens.get("onnxpipe fp32")
-        row = {"workload": f"SmolLM2-135M decode b1, {precision}", "precision": precision, "rounds": rounds,
-               "prompt_tokens": PROMPT_TOKENS, "new_tokens": new_tokens, "loadavg_1min_per_round": load,
-               "reference": ref, "errors": case_errors, "contenders": {}}
+        row = {"workload": f"SmolLM2-135M decode b{batch}, {precision}", "precision": precision,
+               **({"batch": batch} if batch > 1 else {}), "rounds": rounds, "prompt_tokens": PROMPT_TOKENS,
+               "new_tokens": new_tokens, "loadavg_1min_per_round": load, "reference": ref, "errors": case_errors,
+               "contenders": {}}
         for label, rs in rates.items():
             if not rs:
                 continue
@@ -272,12 +342,35 @@ def _decode(threads, ok, errors, rounds, new_tokens) -> list[dict]:
             if label != ref and rates.get(ref):
                 c["ratio_vs_onnxpipe"] = _paired(rs, rates[ref])
             if ref_tokens and label in tokens:
-                c["greedy_agrees_with_onnxpipe_fp32_for"] = _agree(tokens[label], ref_tokens)
+                if batch == 1:
+                    c["greedy_agrees_with_onnxpipe_fp32_for"] = _agree(tokens[label], ref_tokens)
+                else:
+                    per_seq = [_agree(a, b) for a, b in zip(tokens[label], ref_tokens)]
+                    c["greedy_agrees_with_onnxpipe_fp32_for"] = min(per_seq)  # the least of the sequences
+                    c["greedy_agreement_per_sequence"] = per_seq
             row["contenders"][label] = c
         for w, _ in live.values():
             w.close()
         rows.append(row)
     return rows
+
+
+def _server_concurrent(path: Path | None = None) -> dict | None:
+    """onnxpipe's server under concurrent streaming clients, from the generation load bench's last run (a separate
+    run, not interleaved with the peers: HTTP, SSE, chat template, mixed lengths): shown beside the batch workload."""
+    path = path or install.ROOT / "bench" / "results" / "serve_generation.json"
+    try:
+        d = json.loads(path.read_text())
+        rows = [{k: r.get(k) for k in ("precision", "clients", "aggregate_tokens_per_s", "stream_tokens_per_s_p50",
+                                       "ttft_p50_ms")}
+                for r in d["runs"] if r.get("mode") == "after"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    m = d.get("machine") or {}
+    return {"source": str(path.relative_to(install.ROOT)) if path.is_relative_to(install.ROOT) else str(path),
+            "command": "python -m bench.serve_load --generation", "cpu": m.get("cpu_model"), "cpus": m.get("cpus"),
+            "loadavg_1m": [m.get("loadavg_1m_before"), m.get("loadavg_1m_after")], "new_tokens": d.get("new_tokens"),
+            "length_spread": d.get("length_spread"), "runs": sorted(rows, key=lambda r: (r["precision"], r["clients"]))}
 
 
 def _paired(peer: list[float], ours: list[float]) -> dict:
@@ -379,3 +472,35 @@ def _encode(threads, ok, errors, rounds, per_call) -> list[dict]:
                 w.close()
             rows.append(row)
     return rows
+
+
+def main(argv=None) -> int:
+    """`python -m bench.peers.run [WORKLOAD ...] [--quick] [--threads N]`: some of the workloads alone (a development
+    or a focused run). Writes bench/results/quick/peers-partial.json and .md, never the full run's peers.json,
+    peers.md or the README (`python -m bench peers` writes those)."""
+    import argparse
+
+    from .. import __main__ as bench_main
+    from . import report
+
+    parser = argparse.ArgumentParser(prog="python -m bench.peers.run")
+    parser.add_argument("workloads", nargs="*", help=f"any of {', '.join(WORKLOADS)} (default: all)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    todo = _workloads(args.workloads)
+    meta = bench_main.machine_info(args.threads, args.quick)
+    meta["command"] = " ".join(["python -m bench.peers.run", *(argv if argv is not None else sys.argv[1:])])
+    print(f"bench peers: {meta['mode']} run of {', '.join(todo)} with {args.threads} threads on {meta['cpu']} "
+          f"({meta['cpu_features']}); load average {meta['loadavg_start']}", flush=True)
+    res = run(args.threads, args.quick, meta, todo)
+    out = bench_main.RESULTS / "quick"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers-partial.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "peers-partial.md").write_text(report.markdown(res))
+    print(f"wrote {out / 'peers-partial.json'} and {out / 'peers-partial.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,8 @@ engines print goes to stderr):
   {"op": "load", "engine": E, "workload": "decode"|"encode", "variant": V, "threads": T, ...paths}
       -> {"ok": true, "info": {precision, version, ...}} | {"ok": false, "error": ...}
   {"op": "decode", "ids": [...], "n": N} -> {"stamps": [s after the call when each new token came], "tokens": [...]}
+  {"op": "decode_batch", "ids": [[...], ...], "n": N} (workload "decode_batch": the sequences decode together)
+      -> {"stamps": [s after the call when each step's tokens, for every sequence, were out], "tokens": [[...], ...]}
   {"op": "encode", "ids": [...], "mask": [...], "type_ids": [...]} -> {"s": seconds of one forward, "head": [...]}
   {"op": "quit"}
 Times are taken here, around the engine's own call, so the pipe between the processes is not in them.
@@ -79,6 +81,41 @@ class OnnxpipeEncode:
         return s, next(iter(out.values())).ravel()[:4].tolist()
 
 
+class OnnxpipeDecodeBatch:
+    """The continuous-batching engine the server runs (runtime/generation/engine.py): every request added, then
+    stepped until done; all join in one prefill step (max_running 16, the server's default), then one decode step
+    for all at a time. No prefix cache (0 MB): every round prefills, as every peer does."""
+
+    def __init__(self, req):
+        os.environ.setdefault("ONNXPIPE_SESSION_CACHE", "off")
+        import onnxpipe
+        from onnxpipe.generation.engine import GenerationEngine
+
+        self.pipe = onnxpipe.pipeline("text-generation", model=req["onnx_dir"], precision=req["variant"],
+                                      intra_op_num_threads=req["threads"])
+        self.engine_cls, self.max_running = GenerationEngine, 16
+        self.info = {"precision": req["variant"], "version": _version("onnxpipe"), "onnxruntime": _version("onnxruntime"),
+                     "batching": "GenerationEngine (continuous batching, max_running 16, prefix cache off)"}
+
+    def decode_batch(self, ids, n):
+        engine = self.engine_cls(self.pipe, max_running=self.max_running, prefix_cache_mb=0)
+        for i, row in enumerate(ids):  # the engine takes text: the ids' text, checked to tokenize back to the ids
+            engine.add_request(i, self.pipe.tokenizer.decode(row), add_special_tokens=False, max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False)
+            got = engine.waiting[-1].ids[0].tolist()
+            if got != list(row):
+                raise ValueError(f"prompt {i}: its text tokenizes to other ids ({len(got)} tokens)")
+        stamps, toks = [], [[] for _ in ids]
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            outs = engine.step()
+            if any(o.new_token_ids for o in outs):
+                stamps.append(time.perf_counter() - t0)
+            for o in outs:
+                toks[o.request_id] += o.new_token_ids
+        return stamps, toks
+
+
 # --- onnxruntime-genai ----------------------------------------------------------------------------------------------
 
 class GenaiDecode:
@@ -111,6 +148,33 @@ class GenaiDecode:
         return stamps, toks
 
 
+class GenaiDecodeBatch(GenaiDecode):
+    """Its static batch: GeneratorParams batch_size, the prompts appended as one [batch, length] array (equal lengths:
+    unequal ones need the pad token and its mask); one generate_next_token() steps every sequence."""
+
+    def __init__(self, req):
+        super().__init__(req)
+        self.info["batching"] = "static batch (search option batch_size, one Generator)"
+
+    def decode_batch(self, ids, n):
+        import numpy as np
+
+        og = self.og
+        a = np.array(ids, dtype=np.int32)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(batch_size=len(ids), max_length=a.shape[1] + n, min_length=a.shape[1] + n,
+                                  do_sample=False)
+        stamps, toks = [], []
+        t0 = time.perf_counter()
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(a)
+        while not gen.is_done():
+            gen.generate_next_token()
+            toks.append([int(t) for t in gen.get_next_tokens()])
+            stamps.append(time.perf_counter() - t0)
+        return stamps, [list(r) for r in zip(*toks)]
+
+
 # --- llama.cpp (llama-cpp-python) -----------------------------------------------------------------------------------
 
 class LlamaDecode:
@@ -132,6 +196,84 @@ class LlamaDecode:
             if len(toks) == n:
                 break
         return stamps, toks
+
+
+class LlamaDecodeBatch:
+    """llama-cpp-python's high-level Llama runs one sequence (its context has n_seq_max 1; generate() takes one
+    prompt). Its low-level bindings reach what llama-server's parallel slots do: a context with n_seq_max = batch,
+    one llama_batch holding a token of every sequence (its own seq_id and position), one llama_decode per step,
+    greedy argmax here on each sequence's logits. Context settings as the high-level Llama's (flash attention off,
+    the default f16 KV cache); the KV cache is unified off (llama.cpp's default): n_ctx split over the sequences."""
+
+    def __init__(self, req):
+        import llama_cpp as L
+
+        self.L = L
+        self.threads = req["threads"]
+        self.model = L.llama_model_load_from_file(req["gguf"].encode(), L.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama_model_load_from_file failed: {req['gguf']}")
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.ctx = self.batch = None
+        self.shape = None  # (sequences, positions per sequence, tokens per llama_decode) of the context made
+        self.info = {"precision": req["variant"], "gguf": os.path.basename(req["gguf"]),
+                     "version": _version("llama-cpp-python"), "system_info": L.llama_print_system_info().decode(),
+                     "batching": "low-level API: n_seq_max sequences, one llama_decode per step (llama-server's slots)"}
+
+    def _context(self, b, length, n):
+        L = self.L
+        per_seq, n_batch = 256 * -(-(length + n) // 256), max(512, b * length)  # the prompts in one llama_decode
+        if self.shape == (b, per_seq, n_batch):
+            L.llama_memory_clear(L.llama_get_memory(self.ctx), True)  # every run prefills
+            return
+        if self.ctx:
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_seq_max = b * per_seq, b
+        cp.n_batch = cp.n_ubatch = n_batch
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError("llama_init_from_model failed")
+        self.batch = L.llama_batch_init(cp.n_batch, 0, b)
+        self.shape = (b, per_seq, n_batch)
+
+    def _fill(self, rows):  # (token, position, sequence, wants logits)
+        bt = self.batch
+        bt.n_tokens = len(rows)
+        for j, (t, pos, s, lg) in enumerate(rows):
+            bt.token[j], bt.pos[j], bt.n_seq_id[j], bt.logits[j] = int(t), pos, 1, lg
+            bt.seq_id[j][0] = s
+
+    def _argmax(self, i):
+        import numpy as np
+
+        return int(np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,)).argmax())
+
+    def decode_batch(self, ids, n):
+        L = self.L
+        b, length = len(ids), len(ids[0])
+        if any(len(r) != length for r in ids):
+            raise ValueError("equal prompt lengths only")
+        self._context(b, length, n)
+        stamps, toks = [], []
+        t0 = time.perf_counter()
+        self._fill([(ids[s][k], k, s, k == length - 1) for s in range(b) for k in range(length)])
+        if L.llama_decode(self.ctx, self.batch) != 0:
+            raise RuntimeError("llama_decode failed (prefill)")
+        last = [self._argmax(s * length + length - 1) for s in range(b)]
+        toks.append(last)
+        stamps.append(time.perf_counter() - t0)
+        for step in range(1, n):
+            self._fill([(last[s], length + step - 1, s, True) for s in range(b)])
+            if L.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError(f"llama_decode failed (step {step})")
+            last = [self._argmax(s) for s in range(b)]
+            toks.append(last)
+            stamps.append(time.perf_counter() - t0)
+        return stamps, [list(r) for r in zip(*toks)]
 
 
 def llama_quantize(src: str, dst: str, ftype: str) -> dict:
@@ -191,6 +333,30 @@ class Ct2Decode:
             toks.append(int(step.token_id))
             return False
         self.gen.generate_batch([tokens], max_length=n, min_length=n, sampling_topk=1, beam_size=1,
+                                include_prompt_in_result=False, callback=cb)
+        return stamps, toks
+
+
+class Ct2DecodeBatch(Ct2Decode):
+    """Its static batch: generate_batch with every prompt (one decode step for the batch; a finished sequence
+    leaves the batch, none does here: min_length = max_length)."""
+
+    def __init__(self, req):
+        super().__init__(req)
+        self.info["batching"] = "static batch (generate_batch; max_batch_size / batch_type to split)"
+
+    def decode_batch(self, ids, n):
+        prompts = [self.tok.convert_ids_to_tokens(r) for r in ids]
+        stamps, toks = [], [[] for _ in ids]
+        t0 = time.perf_counter()
+
+        def cb(step):  # called for each sequence after each step: a step's stamp is its last sequence's
+            toks[step.batch_id].append(int(step.token_id))
+            if step.step == len(stamps):
+                stamps.append(0.0)
+            stamps[step.step] = time.perf_counter() - t0
+            return False
+        self.gen.generate_batch(prompts, max_length=n, min_length=n, sampling_topk=1, beam_size=1,
                                 include_prompt_in_result=False, callback=cb)
         return stamps, toks
 
@@ -262,7 +428,9 @@ def _feeds(req) -> dict:
 ADAPTERS = {("onnxpipe", "decode"): OnnxpipeDecode, ("onnxpipe", "encode"): OnnxpipeEncode,
             ("onnxruntime-genai", "decode"): GenaiDecode, ("llama.cpp", "decode"): LlamaDecode,
             ("ctranslate2", "decode"): Ct2Decode, ("ctranslate2", "encode"): Ct2Encode,
-            ("openvino", "encode"): OvEncode}
+            ("openvino", "encode"): OvEncode,
+            ("onnxpipe", "decode_batch"): OnnxpipeDecodeBatch, ("onnxruntime-genai", "decode_batch"): GenaiDecodeBatch,
+            ("llama.cpp", "decode_batch"): LlamaDecodeBatch, ("ctranslate2", "decode_batch"): Ct2DecodeBatch}
 
 
 def main() -> None:
@@ -280,6 +448,9 @@ def main() -> None:
                 reply({"ok": True, "info": engine.info})
             elif op == "decode":
                 stamps, toks = engine.decode(req["ids"], req["n"])
+                reply({"ok": True, "stamps": stamps, "tokens": toks})
+            elif op == "decode_batch":
+                stamps, toks = engine.decode_batch(req["ids"], req["n"])
                 reply({"ok": True, "stamps": stamps, "tokens": toks})
             elif op == "encode":
                 s, head = engine.encode(_feeds(req))
