@@ -90,7 +90,13 @@ def run_peers(threads: int, quick: bool) -> int:
     (out / "peers.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "peers.md").write_text(peers_report.markdown(results))
     print(f"wrote {out / 'peers.json'} and {out / 'peers.md'}")
-    if not quick and peers_report.update_readme(results, README):
+    try:
+        peers_report.plot(results, out / "peers.png")
+        plotted = True
+    except Exception as e:  # matplotlib missing: the tables are still written
+        print(f"bench peers: no plot ({type(e).__name__}: {e})")
+        plotted = False
+    if not quick and peers_report.update_readme(results, README, with_plot=plotted):
         print(f"updated the \"vs the fast engines\" table in {README}")
     return 0
 

@@ -86,6 +86,22 @@ def test_report_names_the_cpu_the_load_the_precisions_and_what_failed(tmp_path):
     assert text.index("vs the fast engines") < text.index("## Next")
 
 
+def test_the_plot_has_a_bar_per_peer_and_workload_and_the_readme_shows_it(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    bars = []
+    barh = matplotlib.axes.Axes.barh
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh", lambda self, y, width, *a, **k: bars.append(len(y)) or
+                        barh(self, y, width, *a, **k))
+    report.plot(_result(), tmp_path / "peers.png")
+    assert bars == [2] and (tmp_path / "peers.png").stat().st_size > 1000  # genai int4, OpenVINO f32
+    assert "bench/results/peers.png" in report.readme_block(_result(), with_plot=True)
+    assert "peers.png" not in report.readme_block(_result())
+    empty = {**_result(), "decode": [], "encode": []}
+    with pytest.raises(ValueError, match="no ratios"):
+        report.plot(empty, tmp_path / "none.png")
+
+
 def test_report_renders_the_batch_decode_workload_what_each_engine_offers_and_the_server_figures(tmp_path):
     from bench.peers.run import BATCHING, _server_concurrent
 

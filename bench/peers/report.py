@@ -212,14 +212,54 @@ def summary_table(res: dict) -> list[str]:
     return out
 
 
-def readme_block(res: dict) -> str:
-    return "\n".join([README_START, "", "### vs the fast engines", "", *summary_table(res), "", README_END])
+def readme_block(res: dict, with_plot: bool = False) -> str:
+    image = ["", "![each peer's speed over onnxpipe's, per workload](bench/results/peers.png)"] if with_plot else []
+    return "\n".join([README_START, "", "### vs the fast engines", "", *summary_table(res), *image, "", README_END])
 
 
-def update_readme(res: dict, readme: Path) -> bool:
+def plot(res: dict, path: Path) -> None:
+    """Each peer's speed over onnxpipe's at the same precision, one bar per (workload, peer): the median ratio with
+    its min-max over rounds; left of 1, onnxpipe is faster. The OpenVINO-default rows against onnxpipe int8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = []  # (label, median, min, max)
+    for row in res.get("decode", []) + res.get("decode_batch", []) + res.get("encode", []):
+        key = "ratio_vs_onnxpipe_int8" if row["precision"] == "native default" else "ratio_vs_onnxpipe"
+        for label, c in row["contenders"].items():
+            r = c.get(key)
+            if r and not label.startswith("onnxpipe"):
+                short = row["workload"].replace("SmolLM2-135M ", "SmolLM2 ").replace("OpenVINO's default precision "
+                                                                                       "(vs onnxpipe fp32)", "native")
+                against = " (vs onnxpipe int8)" if row["precision"] == "native default" else ""
+                bars.append((f"{short}: {label}{against}", r["median"], r["min"], r["max"]))
+    if not bars:
+        raise ValueError("no ratios to plot")
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(bars) + 1.6))
+    y = list(range(len(bars)))[::-1]
+    med = [b[1] for b in bars]
+    err = [[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]]
+    ax.barh(y, [m - 1 for m in med], left=1, xerr=err, color=["tab:red" if m > 1 else "tab:green" for m in med],
+            error_kw={"elinewidth": 0.8, "capsize": 2})
+    ax.axvline(1, color="k", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yticks(y, [b[0] for b in bars], fontsize=7)
+    ax.set_xlabel("peer's speed / onnxpipe's, same precision (log; > 1: the peer is faster; bar: median, line: "
+                  "min-max over rounds)", fontsize=8)
+    m = res["meta"]
+    ax.set_title(f"onnxpipe vs the fast engines: {m.get('cpu')}, {m.get('threads')} threads, {m.get('started')} "
+                 f"(load {_load(m.get('loadavg_start'))})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+
+def update_readme(res: dict, readme: Path, with_plot: bool = False) -> bool:
     """Put the block in the Benchmarks section (replacing an older one), before the section's next `## ` heading."""
     text = readme.read_text()
-    block = readme_block(res)
+    block = readme_block(res, with_plot)
     if README_START in text and README_END in text:
         a, b = text.index(README_START), text.index(README_END) + len(README_END)
         readme.write_text(text[:a] + block + text[b:])
