@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     report = {"model": str(model), "machine": machine(load_before, os.getloadavg()), "serve": serve_runs,
               "batch": batch_runs, "repeats": args.repeats, "parts_run": sorted(parts)}
     if parts != {"serve", "batch"}:
-        report["carried_from_previous_run"] = {"machine": previous["machine"], "parts": sorted({"serve", "batch"} - parts)}
+        report["carried_from_previous_run"] = carried(previous, parts)
     report["targets"] = targets(report)
     write_report(Path(args.out), report, markdown(report))
     return 0
@@ -278,6 +278,15 @@ def markdown(report: dict) -> str:
     for t in report["targets"]:
         lines.append(f"| {t['target']} | {t['value']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def carried(previous: dict, parts: set) -> dict:
+    """What a run of some parts says of the figures it keeps from the previous run: which parts, and the machine that
+    measured them (the previous run's, or the one that run had kept them from in turn)."""
+    kept = sorted({"serve", "batch"} - set(parts))
+    earlier = previous.get("carried_from_previous_run") or {}
+    machine = earlier["machine"] if set(kept) <= set(earlier.get("parts", ())) else previous["machine"]
+    return {"machine": machine, "parts": kept}
 
 
 def _previous(path: Path) -> dict:

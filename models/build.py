@@ -59,6 +59,18 @@ def build_model(model: DefaultModel, cache_dir: str | os.PathLike | None = None,
     return path
 
 
+def _train_and_export(finetune, model, source_dirs, train, labels, work, out, log):
+    """The fine-tuning recipes' common part: `finetune` the recipe's base on `train`, then export the checkpoint to
+    `out`, each stage timed; -> (training info, the stages, for the evaluation stage that follows)."""
+    stages = _Stages()
+    with stages("train"):
+        ckpt, training = finetune(_source_path(model, source_dirs, "base"), train, labels, work / "checkpoint",
+                                  model.recipe["train"], log=log)
+    with stages("export"):
+        _export(ckpt, out, model.recipe["export"], log)
+    return training, stages
+
+
 def _finetune_text_classification(model, source_dirs, work, out, log):
     recipe = model.recipe
     rows = data.rotten_tomatoes(source_dirs["data"], model.sources["data"])
@@ -66,12 +78,8 @@ def _finetune_text_classification(model, source_dirs, work, out, log):
     labels = recipe["data"]["labels"]
     from .train import finetune_text_classification
 
-    stages = _Stages()
-    with stages("train"):
-        ckpt, training = finetune_text_classification(_source_path(model, source_dirs, "base"), sp.train, labels,
-                                                      work / "checkpoint", recipe["train"], log=log)
-    with stages("export"):
-        _export(ckpt, out, recipe["export"], log)
+    training, stages = _train_and_export(finetune_text_classification, model, source_dirs, sp.train, labels, work,
+                                         out, log)
     heldout = _limited(sp.heldout, recipe)
     with stages("evaluate"):
         scores = {p: evaluate.classification_accuracy(out, p, heldout) for p in _timed(PRECISIONS, log, "accuracy")}
@@ -91,12 +99,8 @@ def _finetune_token_classification(model, source_dirs, work, out, log):
     sp = data.split(sentences, seed=recipe["data"]["split_seed"], heldout=recipe["data"]["heldout"])
     from .train import finetune_token_classification
 
-    stages = _Stages()
-    with stages("train"):
-        ckpt, training = finetune_token_classification(_source_path(model, source_dirs, "base"), sp.train, labels,
-                                                       work / "checkpoint", recipe["train"], log=log)
-    with stages("export"):
-        _export(ckpt, out, recipe["export"], log)
+    training, stages = _train_and_export(finetune_token_classification, model, source_dirs, sp.train, labels, work,
+                                         out, log)
     heldout = _limited(sp.heldout, recipe)
     with stages("evaluate"):
         details = {p: evaluate.token_classification_f1(out, p, heldout) for p in _timed(PRECISIONS, log, "entity F1")}

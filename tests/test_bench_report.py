@@ -70,3 +70,15 @@ def test_a_decode_rate_above_the_bandwidth_ceiling_is_flagged_not_printed_as_a_s
     report.write(run, md, tmp_path / "r.png")
     text = md.read_text()
     assert "measurement error" in text and "149%" not in text
+
+
+def test_a_partial_ray_bench_run_names_the_machine_that_measured_the_figures_it_keeps():
+    from bench.ray_scale import carried
+
+    full = {"machine": {"loadavg_1m_before": 0.2}}
+    assert carried(full, {"batch"}) == {"machine": {"loadavg_1m_before": 0.2}, "parts": ["serve"]}
+    batch_only = {"machine": {"loadavg_1m_before": 0.7}, **{"carried_from_previous_run": carried(full, {"batch"})}}
+    # run the batch part again: the serve figures are still the full run's
+    assert carried(batch_only, {"batch"})["machine"] == {"loadavg_1m_before": 0.2}
+    # run the serve part: the batch figures are the batch-only run's
+    assert carried(batch_only, {"serve"}) == {"machine": {"loadavg_1m_before": 0.7}, "parts": ["batch"]}

@@ -152,7 +152,7 @@ def test_prefix_cache_keeps_whole_blocks_checks_tokens_and_evicts_the_least_rece
 
     cache = PrefixCache(max_bytes=2 * kv(3 * BLOCK, 0)[0].nbytes)
     a = np.arange(3 * BLOCK + 5)
-    cache.store(a, kv(len(a), 1.0))
+    cache.store(a, lambda n: kv(len(a), 1.0))
     arrays, n = cache.lookup(a)
     assert n == 3 * BLOCK and arrays[0].shape == (2, 3 * BLOCK, 4)
     assert cache.lookup(a, limit=3 * BLOCK - 1)[1] == 2 * BLOCK  # a prompt keeps at least one token to feed
@@ -160,13 +160,14 @@ def test_prefix_cache_keeps_whole_blocks_checks_tokens_and_evicts_the_least_rece
     b[BLOCK + 1] = -1
     assert cache.lookup(b)[1] == BLOCK  # parts in the second block
     assert cache.lookup(np.arange(BLOCK - 1)) is None and cache.lookup(a[1:]) is None
-    cache.store(np.arange(100, 100 + 3 * BLOCK), kv(3 * BLOCK, 2.0))
+    cache.store(np.arange(100, 100 + 3 * BLOCK), lambda n: kv(3 * BLOCK, 2.0))
     cache.lookup(a)  # a is now the most recent
-    cache.store(np.arange(200, 200 + 3 * BLOCK), kv(3 * BLOCK, 3.0))  # over max_bytes: the 100s go
+    cache.store(np.arange(200, 200 + 3 * BLOCK), lambda n: kv(3 * BLOCK, 3.0))  # over max_bytes: the 100s go
     assert cache.lookup(np.arange(100, 100 + 3 * BLOCK)) is None and cache.lookup(a) is not None
     assert cache.bytes <= cache.max_bytes
+    cache.store(a, lambda n: pytest.fail("a known prompt's positions were read again"))
     live = np.zeros((1, 2 * BLOCK, 4), np.float32)  # one KV head: a row's positions are contiguous, a view would do
-    cache.store(np.arange(300, 300 + 2 * BLOCK), [live])
+    cache.store(np.arange(300, 300 + 2 * BLOCK), lambda n: [live])
     live[:] = 7  # the batch's row is reused
     assert cache.lookup(np.arange(300, 300 + 2 * BLOCK))[0][0].max() == 0
 

@@ -150,6 +150,18 @@ def batch_md(res: dict) -> list[str]:
     return out
 
 
+def _rows(res: dict) -> list[dict]:
+    """Every workload's row, in the report's order."""
+    return res.get("decode", []) + res.get("decode_batch", []) + res.get("encode", [])
+
+
+def _peer_ratios(row: dict) -> list[tuple[str, dict]]:
+    """(peer, its ratio to onnxpipe) for the row's peers that have one: at the same precision, or for the
+    OpenVINO-default rows against onnxpipe int8 (its fastest path)."""
+    key = "ratio_vs_onnxpipe_int8" if row["precision"] == "native default" else "ratio_vs_onnxpipe"
+    return [(label, c[key]) for label, c in row["contenders"].items() if not label.startswith("onnxpipe") and c.get(key)]
+
+
 def targets_md(res: dict) -> list[str]:
     """Issue 26's speed targets on this CPU, from the ratios: onnxpipe >= every peer at the same precision (a peer's
     median ratio <= 1). The OpenVINO-default rows are judged against onnxpipe's int8 (its fastest path)."""
@@ -158,11 +170,9 @@ def targets_md(res: dict) -> list[str]:
            "onnxpipe >= every peer at the same precision (median ratio <= 1); fidelity targets are in "
            "`python -m bench fidelity` and the int4 perplexity table below.", "", "| workload | holds? | faster peers |",
            "|---|---|---|"]
-    for row in res.get("decode", []) + res.get("decode_batch", []) + res.get("encode", []):
-        key = "ratio_vs_onnxpipe_int8" if row["precision"] == "native default" else "ratio_vs_onnxpipe"
-        faster = [f"{label} {c[key]['median']:.2f}x" for label, c in row["contenders"].items()
-                  if not label.startswith("onnxpipe") and c.get(key) and c[key]["median"] > 1]
-        peers = [label for label, c in row["contenders"].items() if not label.startswith("onnxpipe") and c.get(key)]
+    for row in _rows(res):
+        peers = _peer_ratios(row)
+        faster = [f"{label} {r['median']:.2f}x" for label, r in peers if r["median"] > 1]
         if not peers:
             continue
         what = row["workload"] + (" (judged against onnxpipe int8)" if row["precision"] == "native default" else "")
@@ -187,7 +197,7 @@ def summary_table(res: dict) -> list[str]:
            "venvs under `.cache/peers/` once, llama.cpp compiled without AMX). "
            "Full tables, precisions, the targets and what could not run: [bench/results/peers.md](bench/results/peers.md).", "",
            "| workload (onnxpipe) | " + " | ".join(head[p] for p, _ in peers) + " |", "|---|" + "---|" * len(peers)]
-    for row in res.get("decode", []) + res.get("decode_batch", []) + res.get("encode", []):
+    for row in _rows(res):
         ref = row["contenders"].get(row["reference"])
         if row["workload"].startswith("SmolLM2"):
             ours = f"{ref['tokens_per_s']:.0f} tok/s" if ref else "–"
@@ -226,15 +236,11 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bars = []  # (label, median, min, max)
-    for row in res.get("decode", []) + res.get("decode_batch", []) + res.get("encode", []):
-        key = "ratio_vs_onnxpipe_int8" if row["precision"] == "native default" else "ratio_vs_onnxpipe"
-        for label, c in row["contenders"].items():
-            r = c.get(key)
-            if r and not label.startswith("onnxpipe"):
-                short = row["workload"].replace("SmolLM2-135M ", "SmolLM2 ").replace("OpenVINO's default precision "
-                                                                                       "(vs onnxpipe fp32)", "native")
-                against = " (vs onnxpipe int8)" if row["precision"] == "native default" else ""
-                bars.append((f"{short}: {label}{against}", r["median"], r["min"], r["max"]))
+    for row in _rows(res):
+        short = row["workload"].replace("SmolLM2-135M ", "SmolLM2 ").replace("OpenVINO's default precision "
+                                                                               "(vs onnxpipe fp32)", "native")
+        against = " (vs onnxpipe int8)" if row["precision"] == "native default" else ""
+        bars += [(f"{short}: {label}{against}", r["median"], r["min"], r["max"]) for label, r in _peer_ratios(row)]
     if not bars:
         raise ValueError("no ratios to plot")
     fig, ax = plt.subplots(figsize=(10, 0.32 * len(bars) + 1.6))

@@ -271,6 +271,29 @@ def _start(contenders, threads, workload, errors, extra=None) -> dict:
     return live
 
 
+def _interleaved(live: dict, rounds: int, errors: dict, warm_up: dict, measure) -> list[float]:
+    """Warm every contender up with the request `warm_up` (one that fails is dropped, its error kept), then `rounds`
+    rounds, each in a fresh seeded order, calling measure(label, worker) once per contender (an error is kept and
+    the round goes on); -> the 1-min load average at the start of each round."""
+    for label, (w, _) in list(live.items()):
+        try:
+            w.ask(**warm_up)
+        except Exception as e:
+            errors[label] = str(e)
+            w.close()
+            del live[label]
+    load = []
+    for r in range(rounds):
+        load.append(os.getloadavg()[0])
+        for label in random.Random(r).sample(list(live), len(live)):
+            time.sleep(GAP_S)
+            try:
+                measure(label, live[label][0])
+            except Exception as e:
+                errors[label] = str(e)
+    return load
+
+
 def _decode(threads, ok, errors, rounds, new_tokens) -> list[dict]:
     """One prompt (the first PROMPT_TOKENS tokens of a news article), greedy, `new_tokens`: decode tokens/s after the
     first token."""
@@ -302,31 +325,20 @@ def _decode_rounds(threads, ok, errors, rounds, new_tokens, batch: int) -> list[
         print(f"bench peers: SmolLM2 decode b{batch} {precision}: {', '.join(c[0] for c in contenders)}", flush=True)
         case_errors = {}
         live = _start(contenders, threads, op, case_errors)
-        for label, (w, _) in list(live.items()):  # warm-up (and a batch's buffers); a contender failing here is dropped
-            try:
-                w.ask(op=op, ids=ids, n=4)
-            except Exception as e:
-                case_errors[label] = str(e)
-                w.close()
-                del live[label]
         rates = {label: [] for label in live}
         tokens = {}
-        load = []
-        for r in range(rounds):
-            load.append(os.getloadavg()[0])
-            for label in random.Random(r).sample(list(live), len(live)):
-                time.sleep(GAP_S)
-                try:
-                    out = live[label][0].ask(op=op, ids=ids, n=new_tokens)
-                except Exception as e:
-                    case_errors[label] = str(e)
-                    continue
-                s, t = out["stamps"], out["tokens"]
-                if batch > 1 and (len(s) != new_tokens or len(t) != batch or any(len(x) != new_tokens for x in t)):
-                    case_errors[label] = f"{len(s)} steps, tokens per sequence {[len(x) for x in t]}: not {new_tokens} each"
-                    continue
-                rates[label].append(batch * (len(s) - 1) / (s[-1] - s[0]))  # decode tokens/s, the prefill excluded
-                tokens[label] = t
+
+        def measure(label, worker):
+            out = worker.ask(op=op, ids=ids, n=new_tokens)
+            s, t = out["stamps"], out["tokens"]
+            if batch > 1 and (len(s) != new_tokens or len(t) != batch or any(len(x) != new_tokens for x in t)):
+                raise RuntimeError(f"{len(s)} steps, tokens per sequence {[len(x) for x in t]}: not {new_tokens} each")
+            rates[label].append(batch * (len(s) - 1) / (s[-1] - s[0]))  # decode tokens/s, the prefill excluded
+            tokens[label] = t
+
+        # warm-up: 4 tokens (and a batch's buffers)
+        load = _interleaved(live, rounds, case_errors, {"op": op, "ids": ids, "n": 4}, measure)
+        rates = {label: rs for label, rs in rates.items() if label in live}
         ref = f"onnxpipe {precision}"
         if ref_tokens is None:
             ref_tokens = tokens.get("onnxpipe fp32")
@@ -434,24 +446,13 @@ def _encode(threads, ok, errors, rounds, per_call) -> list[dict]:
             print(f"bench peers: BERT-base b1 L{length} {precision}: {', '.join(c[0] for c in contenders)}", flush=True)
             case_errors = {}
             live = _start(contenders, threads, "encode", case_errors, {"length": length})
-            for label, (w, _) in list(live.items()):  # warm-up; a contender failing here is dropped
-                try:
-                    w.ask(op="encode", **feeds)
-                except Exception as e:
-                    case_errors[label] = str(e)
-                    w.close()
-                    del live[label]
             times = {label: [] for label in live}
-            load = []
-            for r in range(rounds):
-                load.append(os.getloadavg()[0])
-                for label in random.Random(r).sample(list(live), len(live)):
-                    time.sleep(GAP_S)
-                    try:
-                        times[label].append(float(np.median([live[label][0].ask(op="encode", **feeds)["s"]
-                                                             for _ in range(per_call)])))
-                    except Exception as e:
-                        case_errors[label] = str(e)
+
+            def measure(label, worker):
+                times[label].append(float(np.median([worker.ask(op="encode", **feeds)["s"] for _ in range(per_call)])))
+
+            load = _interleaved(live, rounds, case_errors, {"op": "encode", **feeds}, measure)
+            times = {label: ts for label, ts in times.items() if label in live}
             ref = "onnxpipe fp32" if precision != "int8" else "onnxpipe int8"
             what = "OpenVINO's default precision (vs onnxpipe fp32)" if precision == "native default" else precision
             row = {"workload": f"BERT-base b1 L{length}, {what}", "length": length, "precision": precision,

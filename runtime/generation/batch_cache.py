@@ -181,9 +181,9 @@ class SlotCache:
         rows = slice(first_row, first_row + len(prompts))
         binding = bind_buffers(self.session, self.past_names, self.present_names, [b[rows] for b in self.buffers])
         logits = run_bound(self.session, binding, self.fed, decoder_feeds(ids, mask, position_ids_from_mask(mask)[:, p:]))
-        if self.prefixes is not None:
+        if self.prefixes is not None:  # the row's positions are read (keys rotated back) only for a prompt not known
             for row, ids in enumerate(prompts, first_row):
-                self.prefixes.store(ids, self._positions(row, w - len(ids), len(ids)))
+                self.prefixes.store(ids, lambda n, row=row, start=w - len(ids): self._positions(row, start, n))
         return np.array(logits[:, -1, :], dtype=np.float32)
 
     def _positions(self, row: int, start: int, length: int) -> list[np.ndarray]:
@@ -292,7 +292,8 @@ class CopyCache:
         return self._batch.step(next_tokens)
 
     def remove(self, leaving: list[int]) -> list[int]:
-        order = [i for i in range(self.rows) if i not in set(leaving)]
+        gone = set(leaving)
+        order = [i for i in range(self.rows) if i not in gone]
         if not order:
             self._batch = None
             return order

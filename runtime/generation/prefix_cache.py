@@ -3,7 +3,7 @@ system prompt, an earlier turn of the same conversation) is prefilled from where
 
     prefixes = PrefixCache(max_bytes=64 << 20)
     hit = prefixes.lookup(ids)            # (arrays, n): the KV of ids[:n] for the longest known n, or None
-    prefixes.store(ids, arrays)           # arrays: per cache tensor [kv_heads, positions, head_dim], from index 0
+    prefixes.store(ids, read)             # read(n): per cache tensor [kv_heads, n, head_dim], ids[:n]'s, from index 0
 
 A decoder's cache at a position depends only on the tokens up to it, so the KV of a known prefix is what a prefill
 would compute again (up to float rounding where it is moved to other cache indices). Prefixes are known in blocks of
@@ -56,8 +56,9 @@ class PrefixCache:
                 return arrays, n
         return None
 
-    def store(self, ids: np.ndarray, arrays: list[np.ndarray]) -> None:
-        """Remember the KV of ids' whole blocks (arrays: [kv_heads, >= those positions, head_dim] each, copied)."""
+    def store(self, ids: np.ndarray, read) -> None:
+        """Remember the KV of ids' whole blocks: read(n) -> per cache tensor [kv_heads, n, head_dim] (copied), called
+        only when those blocks are not known already."""
         blocks = len(ids) // BLOCK
         if not blocks or self.max_bytes <= 0:
             return
@@ -67,7 +68,7 @@ class PrefixCache:
             self._entries.move_to_end(known[0])
             return
         n = blocks * BLOCK
-        kept = [np.array(a[:, :n], copy=True) for a in arrays]  # a copy always: the arrays may be views of live rows
+        kept = [np.array(a[:, :n], copy=True) for a in read(n)]  # a copy always: the arrays may be views of live rows
         size = sum(a.nbytes for a in kept)
         if size > self.max_bytes:
             return
