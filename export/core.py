@@ -24,6 +24,7 @@ from onnxpipe.task_table import EXPORT_TASKS, export_task, task_for_architecture
 
 from .errors import ExportError
 from . import checkpoint as ckpt_mod
+from .quantize import INT4_METHODS
 
 log = logging.getLogger("onnxpipe.export")
 
@@ -58,6 +59,11 @@ DEFAULT_PER_CHANNEL = True
 # weight type, weight-only 8-bit blocks +0.3%, and decoded fastest of all. "auto" picks it for
 # text-generation and dynamic int8 (which the encoders' figures were measured with) elsewhere.
 INT8_METHODS = ("auto", "dynamic", "weight-only")
+INT4_INFO = {  # the manifest's word for each --int4-method (export/quantize.py, export/int4_blocks.py)
+    "asymmetric": {"method": "weight-only 4-bit asymmetric blocks with a float offset each (MatMulNBits + offsets "
+                             "MatMul)", "symmetric": False},
+    "symmetric": {"method": "weight-only 4-bit blocks (MatMulNBits)", "symmetric": True},
+}
 WEIGHT_ONLY_INT8_BLOCK = 64  # SmolLM2 perplexity +0.44% (blocks of 32: +0.36%, 128: +1.35%), decode ~10% faster than 32
 
 
@@ -71,6 +77,7 @@ def export_model(
     per_channel: bool = DEFAULT_PER_CHANNEL,
     reduce_range: bool = False,
     int8_method: str = "auto",
+    int4_method: str = "asymmetric",
     optimize: bool = False,
     attention: str = "gqa",
     dtype: str = "fp32",
@@ -113,6 +120,8 @@ def export_model(
         raise ExportError(f"--weight-type {weight_type!r} is not supported: use one of {', '.join(WEIGHT_TYPES)}")
     if int8_method not in INT8_METHODS:
         raise ExportError(f"--int8-method {int8_method!r} is not supported: use one of {', '.join(INT8_METHODS)}")
+    if int4_method not in INT4_METHODS:
+        raise ExportError(f"--int4-method {int4_method!r} is not supported: use one of {', '.join(INT4_METHODS)}")
     _check_out_dir(out, overwrite)
     if isinstance(checkpoint, str) and is_repo_id(checkpoint):
         from onnxpipe.hub import HubError, download_checkpoint
@@ -182,10 +191,10 @@ def export_model(
                 _warn_if_poor("int8", fidelity)
             if "int4" in precisions:
                 from .quantize import quantize_int4
-                int4_roles = quantize_int4(tmp_out, roles)
+                int4_roles = quantize_int4(tmp_out, roles, int4_method)
                 fidelity = measure_fidelity(model, tokenizer, task, tmp_out, int4_roles)
-                quantization["int4"] = {"method": "weight-only 4-bit blocks (MatMulNBits)", "block_size": 32,
-                                        "symmetric": True, "accuracy_level": 4, "fidelity": fidelity}
+                quantization["int4"] = {**INT4_INFO[int4_method], "block_size": 32, "accuracy_level": 4,
+                                        "lm_head": "8-bit blocks (MatMulNBits)", "fidelity": fidelity}
                 _warn_if_poor("int4", fidelity)
             fp16 = _export_fp16(model, tokenizer, task, tmp_out, roles, config, fp16_atol, fp16_rtol, validate) \
                 if dtype == "fp16" else None

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", required=True, help="model folder to write")
     ex.add_argument("--quantize", default=None, metavar="int8|int4|int8,int4",
                     help="also write quantized files beside fp32: int8 (dynamic, *.int8.onnx) and/or int4 "
-                         "(weight-only MatMulNBits, *.int4.onnx; for decoders)")
+                         "(weight-only MatMulNBits blocks, *.int4.onnx; see --int4-method)")
     ex.add_argument("--weight-type", choices=["quint8", "qint8"], default="qint8",
                     help="int8 weight type (default qint8: with per-channel scales as faithful as quint8 here, and faster)")
     ex.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--int8-method", choices=["auto", "dynamic", "weight-only"], default="auto",
                     help="int8 as dynamic quantization (weights int8, activations quantized per call) or weight-only "
                          "8-bit blocks (MatMulNBits); auto (default): weight-only for text-generation, dynamic elsewhere")
+    ex.add_argument("--int4-method", choices=["asymmetric", "symmetric"], default="asymmetric",
+                    help="int4 blocks: asymmetric (default: a float offset per block of 32, as llama.cpp's Q4_1; "
+                         "faithful) or symmetric (MatMulNBits' own: fewer kernel calls, faster decode on small "
+                         "models, less faithful); the LM head is 8-bit either way")
     ex.add_argument("--optimize", action="store_true",
                     help="fuse the graph: ONNX Runtime's transformer fusions (encoders), and for Llama-family decoders "
                          "fused norms, attention and RoPE (see --attention)")
@@ -129,6 +133,7 @@ def _export(args) -> int:
     out = export_model(args.checkpoint, args.out, args.task, revision=args.revision,
                        trust_remote_code=args.trust_remote_code, quantize=args.quantize, weight_type=args.weight_type,
                        per_channel=args.per_channel, reduce_range=args.reduce_range, int8_method=args.int8_method,
+                       int4_method=args.int4_method,
                        optimize=args.optimize, attention=args.attention, dtype=args.dtype,
                        opset=args.opset, atol=args.atol, rtol=args.rtol, validate=not args.no_validate)
     manifest = json.loads((out / "onnxpipe.json").read_text())

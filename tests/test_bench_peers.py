@@ -64,7 +64,13 @@ def _result():
             "decode": [{"workload": "SmolLM2-135M decode b1, int4", "precision": "int4", "rounds": 1, "prompt_tokens": 64,
                         "new_tokens": 8, "loadavg_1min_per_round": [1.0], "reference": "onnxpipe int4", "errors": {},
                         "contenders": {"onnxpipe int4": c(70.0, "int4"),
+                                       report.INT4_SYMMETRIC: c(105.0, "int4", rr(1.5)),
                                        "onnxruntime-genai int4": c(105.0, "int4", rr(1.5))}}],
+            "int4_fidelity": {"articles": ["a"], "tokens_per_article": 8, "weights_bytes": {},
+                              "perplexity": {"onnxpipe fp32": {"ppl": 10.0, "vs_fp32": 0.0},
+                                             "onnxpipe int4": {"ppl": 10.1, "vs_fp32": 0.01},
+                                             report.INT4_SYMMETRIC: {"ppl": 12.0, "vs_fp32": 0.2},
+                                             "onnxruntime-genai int4": {"ppl": 13.0, "vs_fp32": 0.3}}},
             "encode": [{"workload": "BERT-base b1 L128, fp32", "length": 128, "precision": "fp32", "rounds": 1,
                         "forwards_per_round": 1, "loadavg_1min_per_round": [1.0], "reference": "onnxpipe fp32",
                         "contenders": {"onnxpipe fp32": e(130.0, "fp32"),
@@ -76,6 +82,10 @@ def test_report_names_the_cpu_the_load_the_precisions_and_what_failed(tmp_path):
     md = report.markdown(res)
     assert "Test CPU" in md and "1.00, 1.00, 1.00" in md and "INFERENCE_PRECISION_HINT=f32" in md
     assert "**1.50**" in md and "install failed" in md and "OpenVINO decode" in md
+    assert "| onnxruntime-genai int4 | 13.00 | +30.0% |" in md  # the int4 variants' perplexity table
+    line = "\n".join(report.summary_table(res))
+    assert "default +1.0%; `--int4-method symmetric` +20.0% at 1.50x the default's decode speed" in line
+    assert "onnxruntime-genai int4 +30.0%" in line
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n## Benchmarks\n\nkept\n\n## Next\n\nalso kept\n")
     assert report.update_readme(res, readme)
@@ -153,3 +163,4 @@ def test_a_run_can_be_narrowed_to_some_workloads(monkeypatch):
     assert _workloads() == list(WORKLOADS)
     with pytest.raises(ValueError, match="unknown workload"):
         _workloads(["decode_b16"])
+

@@ -195,6 +195,32 @@ def test_int4_weight_only_quantization_is_written_beside_fp32(arch, task, tmp_pa
         assert "MatMulNBits" in ops, role
     assert set(m["quantization"]) == {"int4"}
     assert all("top1_agreement" in f.get("logits", {"top1_agreement": 1}) for f in m["quantization"]["int4"]["fidelity"].values())
+    assert m["quantization"]["int4"]["symmetric"] is False and m["quantization"]["int4"]["lm_head"].startswith("8-bit")
+
+
+@pytest.mark.parametrize("method", ["asymmetric", "symmetric"])
+def test_int4_projections_are_4_bit_blocks_and_the_lm_head_8_bit(method, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    out = export_model(tiny_checkpoint("llama", "text-generation"), tmp_path / "m", "text-generation",
+                       quantize="int4", int4_method=method)
+    m = _manifest(out)
+    graph = onnx.load(str(out / m["files"]["model"]["int4"]["path"])).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    producers = {o: n for n in graph.node for o in n.output}
+    head = producers["logits"]
+    assert head.op_type == "MatMulNBits" and bits[head.name] == 8
+    layers = transformers.AutoConfig.from_pretrained(tiny_checkpoint("llama", "text-generation")).num_hidden_layers
+    assert sorted(b for name, b in bits.items() if name != head.name) == [4] * (7 * layers)  # q k v o gate up down
+    offsets = [n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("/Offsets")]
+    whole_blocks = [n for n in graph.node if n.op_type == "MatMulNBits" and n is not head
+                    and next(a.i for a in n.attribute if a.name == "K") % 32 == 0]  # the others: symmetric, padded
+    assert 0 < len(whole_blocks) and len(offsets) == (len(whole_blocks) if method == "asymmetric" else 0)
+    assert m["quantization"]["int4"]["symmetric"] is (method == "symmetric")
+
+
+def test_unknown_int4_method_is_a_clear_error(tmp_path):
+    with pytest.raises(ExportError, match="--int4-method 'nf4' is not supported"):
+        export_model(tiny_checkpoint("llama", "text-generation"), tmp_path / "x", quantize="int4", int4_method="nf4")
 
 
 def test_unknown_quantization_is_a_clear_error(tmp_path):

@@ -8,6 +8,7 @@ fp32 / int8 exports.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,8 +26,9 @@ def smollm2_gguf() -> Path:
 def smollm2_onnx() -> Path:
     """onnxpipe's export of SmolLM2 with int8 and int4 twins (fused, as the export's --optimize writes it)."""
     out = MODELS / "smollm2-onnx"
-    if (out / "onnxpipe.json").exists() and (out / "model.int4.onnx").exists():
-        return out
+    if (out / "onnxpipe.json").exists() and (out / "model.int4.onnx").exists() and \
+            json.loads((out / "onnxpipe.json").read_text())["quantization"]["int4"].get("lm_head"):
+        return out  # (an export from before the asymmetric int4 with its 8-bit LM head is made again)
     from onnxpipe.export import export_model
 
     print("bench peers: exporting SmolLM2 fp32 + int8 + int4 (once)", flush=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .int4_variants import NAME as INT4_SYMMETRIC
+
 README_START = "<!-- section: bench peers (issue 26) -->"
 README_END = "<!-- /section: bench peers -->"
 
@@ -92,13 +94,16 @@ def markdown(res: dict) -> str:
         for label, e in row.get("errors", {}).items():
             lines.append(f"| {label} | failed: {e[:120]} | | |" + (" |" if row["precision"] == "native default" else ""))
         lines.append("")
-    fid = res.get("int4_head_fidelity")
+    fid = res.get("int4_fidelity")
     if fid:
-        lines += ["## int4 with the LM head in 4 bits too: perplexity on the news text", "",
+        lines += ["## int4 variants: perplexity on the news text", "",
                   f"{len(fid['articles'])} news articles, {fid['tokens_per_article']} tokens each, all-position logits "
-                  "(the same corpus as `python -m bench fidelity`). The decode speed of the variant is in the int4 "
-                  "table above. Its file is larger: untying the head keeps the fp32 embedding table for the Gather "
-                  "(read one row per token) beside the 4-bit head, while a step streams far fewer bytes.", "", "| variant | perplexity | vs fp32 | weights on disk |", "|---|---|---|---|"]
+                  "(the same corpus as `python -m bench fidelity`); the decode speeds are in the int4 table above. "
+                  "onnxpipe's default int4 stores asymmetric blocks of 32 with a float offset each (llama.cpp's Q4_1 "
+                  "layout) and the LM head in 8 bits; `--int4-method symmetric` uses MatMulNBits' own symmetric blocks. "
+                  "This SmolLM2 is a Q4_1 GGUF dequantized, so its weights lie on Q4_1's grid: the default and "
+                  "llama.cpp's Q4_1 reproduce them exactly, which weights from elsewhere would not allow.", "",
+                  "| variant | perplexity | vs fp32 | weights on disk |", "|---|---|---|---|"]
         for name, p in fid["perplexity"].items():
             wb = fid.get("weights_bytes", {}).get(name)
             lines.append(f"| {name} | {p['ppl']:.2f} | {p['vs_fp32']:+.1%} | {f'{wb / 1e6:.0f} MB' if wb else '–'} |")
@@ -209,17 +214,25 @@ def summary_table(res: dict) -> list[str]:
             cells.append("; ".join(f"{_ratio(c).split(' (')[0]} ({label[len(prefix):].strip() or _precision(c)})"
                                    for label, c in found) or "–")
         out.append(f"| {row['workload']} ({ours}) | " + " | ".join(cells) + " |")
-    fid = (res.get("int4_head_fidelity") or {}).get("perplexity", {})
-    int4 = next((r for r in res.get("decode", []) if r["precision"] == "int4"), None)
-    head = int4 and int4["contenders"].get("onnxpipe int4 (LM head 4-bit too)")
-    if head and head.get("ratio_vs_onnxpipe") and "onnxpipe int4" in fid and "onnxpipe int4 (LM head 4-bit too)" in fid:
-        out += ["", f"onnxpipe int4 with the LM head in 4 bits too (as onnxruntime-genai quantizes it): "
-                    f"{head['ratio_vs_onnxpipe']['median']:.2f}x the default int4's decode speed, perplexity on the news "
-                    f"text {fid['onnxpipe int4 (LM head 4-bit too)']['vs_fp32']:+.0%} vs fp32 against the default's "
-                    f"{fid['onnxpipe int4']['vs_fp32']:+.0%}: the default keeps the fp32 head (more faithful)."]
+    out += _int4_line(res)
     sizes = ", ".join(f"{e} {r['size_mb']:.0f} MB" for e, r in res["installs"].items() if r.get("size_mb"))
     out += ["", f"Runtime install sizes measured here (each engine's dependency closure): {sizes}."]
     return out
+
+
+def _int4_line(res: dict) -> list[str]:
+    """The int4 variants' speed and perplexity in one sentence (the README's table has speeds only)."""
+    fid = (res.get("int4_fidelity") or {}).get("perplexity", {})
+    int4 = next((r for r in res.get("decode", []) if r["precision"] == "int4"), None)
+    sym = int4 and int4["contenders"].get(INT4_SYMMETRIC)
+    if not (sym and sym.get("ratio_vs_onnxpipe") and "onnxpipe int4" in fid and INT4_SYMMETRIC in fid):
+        return []
+    genai = fid.get("onnxruntime-genai int4")
+    return ["", f"int4 perplexity on the news text vs fp32: onnxpipe's default {fid['onnxpipe int4']['vs_fp32']:+.1%}; "
+                f"`--int4-method symmetric` {fid[INT4_SYMMETRIC]['vs_fp32']:+.1%} at "
+                f"{sym['ratio_vs_onnxpipe']['median']:.2f}x the default's decode speed"
+                + (f"; onnxruntime-genai int4 {genai['vs_fp32']:+.1%}" if genai else "")
+                + " (this SmolLM2 is a dequantized Q4_1 GGUF: bench/results/peers.md)."]
 
 
 def readme_block(res: dict, with_plot: bool = False) -> str:

@@ -7,8 +7,8 @@ the same inputs and the same thread count. Contenders of one workload take turns
 precision is taken round by round (> 1: the peer is faster).
 
 Workloads: SmolLM2-135M decode at batch 1 and at batch 8 (8 prompts decoding together: onnxpipe's continuous-batching
-engine, the peers' batch APIs; BATCHING says what each engine offers), int4 with the LM head in 4 bits too (its
-perplexity), BERT-base encode. `python -m bench.peers.run decode_b8` runs some alone (into bench/results/quick/).
+engine, the peers' batch APIs; BATCHING says what each engine offers), the int4 variants' perplexity
+(bench/peers/int4_variants.py), BERT-base encode. `python -m bench.peers.run decode_b8` runs some alone (into bench/results/quick/).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import install, int4_head, models
+from . import install, int4_variants, models
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 GAP_S = 0.1  # ORT / OpenMP pools spin for a while after a call (bench/timing.py)
@@ -34,7 +34,7 @@ PROMPT_TOKENS = 64
 OMP_WAIT = "PASSIVE"
 BATCH = 8  # the batch decode workload's sequences
 # the sections of a run, in order; `python -m bench.peers.run a b` runs only those
-WORKLOADS = ("decode", "decode_b8", "int4_head", "encode")
+WORKLOADS = ("decode", "decode_b8", "int4_fidelity", "encode")
 # what each engine offers for decoding several sequences together (issue 26: "record what each engine offers")
 BATCHING = {
     "onnxpipe": "continuous batching: `onnxpipe.generation.engine.GenerationEngine` (requests join and leave between "
@@ -140,12 +140,12 @@ def run(threads: int, quick: bool, meta: dict, workloads: list[str] | None = Non
         res["decode_batch"] = _decode_batch(threads, ok, res["preparation_errors"], *plan_batch)
         res["server_concurrent"] = _server_concurrent()
         _stamp(res, "decode b8", t0)
-    if "int4_head" in todo:
+    if "int4_fidelity" in todo:
         try:
-            res["int4_head_fidelity"] = int4_head.perplexity(threads, n_articles=2 if quick else 4)
+            res["int4_fidelity"] = int4_variants.perplexity(threads, n_articles=2 if quick else 4)
         except Exception as e:
-            res["preparation_errors"]["int4 head perplexity"] = f"{type(e).__name__}: {e}"
-        _stamp(res, "int4 head perplexity", t0)
+            res["preparation_errors"]["int4 perplexity"] = f"{type(e).__name__}: {e}"
+        _stamp(res, "int4 perplexity", t0)
     if "encode" in todo:
         res["encode"] = _encode(threads, ok, res["preparation_errors"], *plan_encode)
         _stamp(res, "encode", t0)
@@ -178,10 +178,10 @@ def _decode_contenders(ok: set, errors: dict, threads: int, batch: bool = False)
     hf = models.artifacts.smollm2_hf()
     onnx_dir = models.smollm2_onnx()
     groups = {p: [(f"onnxpipe {p}", "onnxpipe", {"onnx_dir": onnx_dir, "variant": p})] for p in ("fp32", "int8", "int4")}
-    try:  # the "speed where we lose" variant: int4 with the LM head in 4 bits too (bench/peers/int4_head.py)
-        groups["int4"].append((int4_head.NAME, "onnxpipe", {"onnx_dir": int4_head.folder(), "variant": "int4"}))
+    try:  # the faster, less faithful int4 (bench/peers/int4_variants.py)
+        groups["int4"].append((int4_variants.NAME, "onnxpipe", {"onnx_dir": int4_variants.folder(), "variant": "int4"}))
     except Exception as e:
-        errors[int4_head.NAME] = f"{type(e).__name__}: {e}"
+        errors[int4_variants.NAME] = f"{type(e).__name__}: {e}"
     if "onnxruntime-genai" in ok:
         for p, bp in (("fp32", "fp32"), ("int8", "int8"), ("int4", "int4")):
             try:
