@@ -111,20 +111,28 @@ async def load(url: str, concurrency: int, requests: int, new_tokens: int, time_
             body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": wanted,
                     "temperature": 0, "stop": ["\u2603never\u2603"], "stream": True,
                     "stream_options": {"include_usage": True}}
-            t0 = time.perf_counter()
-            first = last = None
-            tokens = 0
-            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-                    elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
+            for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile (llama-server's allow 5
+                t0 = time.perf_counter()  # requests each) fails before any byte: asked again on a new one
+                first = last = None
+                tokens = pieces = 0
+                try:
+                    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            chunk = json.loads(line[6:])
+                            if chunk.get("usage"):
+                                tokens = chunk["usage"]["completion_tokens"]
+                            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                                now = time.perf_counter()
+                                first = first or now
+                                last = now
+                                pieces += 1
+                    break
+                except httpx.RemoteProtocolError:
+                    if attempt == 2 or first is not None:
+                        raise
+            tokens = tokens or pieces  # a server that sends no usage (one token a chunk, as llama-server streams)
             if first is not None:
                 records.append({"ttft": first - t0, "tokens": tokens, "stream_s": last - first, "end": last})
 

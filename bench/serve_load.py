@@ -212,32 +212,40 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 class Server:
-    """`onnxpipe serve` in a subprocess on a free loopback port, stopped with SIGTERM."""
+    """`onnxpipe serve` in a subprocess on a free loopback port, stopped with SIGTERM. A subclass serves something
+    else: its own `command(port)`, `ready_path` and `log_dir`."""
+
+    ready_path = "/ready"
+    log_dir = CACHE
 
     def __init__(self, model: Path, flags: list[str]):
+        self.model, self.flags = model, flags
         with socket.socket() as s:
             s.bind((LOOPBACK, 0))
             self.port = s.getsockname()[1]
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self.args = [sys.executable, "-m", "onnxpipe.cli", "serve", "--model", f"bench={model}", "--host", LOOPBACK,
-                     "--port", str(self.port), *flags]
+        self.args = self.command(self.port)
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "onnxpipe.cli", "serve", "--model", f"bench={self.model}", "--host", LOOPBACK,
+                "--port", str(port), *self.flags]
 
     def __enter__(self):
         import httpx
 
-        self.log = open(CACHE / f"serve-{self.port}.log", "wb")
+        self.log = open(self.log_dir / f"{type(self).__name__.lower()}-{self.port}.log", "wb")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log.name}")
+                raise RuntimeError(f"{self.args[0]} exited ({self.proc.returncode}); see {self.log.name}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server not ready in 120 s; see {self.log.name}")
+        raise RuntimeError(f"{self.args[0]} not ready in 120 s; see {self.log.name}")
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process, all its threads."""

@@ -164,3 +164,17 @@ def test_a_run_can_be_narrowed_to_some_workloads(monkeypatch):
     with pytest.raises(ValueError, match="unknown workload"):
         _workloads(["decode_b16"])
 
+
+def test_the_server_comparison_reports_medians_per_server_and_client_count():
+    from bench.peers import server
+
+    run = lambda name, c, r, agg: {"precision": "fp32", "server": name, "clients": c, "round": r,  # noqa: E731
+                                   "aggregate_tokens_per_s": agg, "stream_tokens_per_s_p50": agg / c,
+                                   "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0, "completed": 6 * c}
+    report = {"cpu": "Test CPU", "cpus": 2, "threads": 2, "loadavg_1m": [1.0, 1.5], "new_tokens": 48,
+              "llama_cpp": "llama.cpp x", "started": "t",
+              "runs": [run("onnxpipe serve", 8, 0, 160.0), run("onnxpipe serve", 8, 1, 180.0),
+                       run("onnxpipe serve", 8, 2, 100.0), run("llama-server --parallel 8", 8, 0, 120.0)]}
+    md = server.markdown(report)
+    assert "| fp32 | onnxpipe serve | 8 | 160.0 | 20.0 | 100 | 200 |" in md  # the median of 160, 180, 100
+    assert "| fp32 | llama-server --parallel 8 | 8 | 120.0 |" in md and "Test CPU" in md

@@ -121,6 +121,28 @@ def test_streamer_never_yields_half_a_multibyte_character():
     assert any(p.endswith("\n") for p in pieces)
 
 
+def test_a_token_by_token_streamer_releases_each_word_at_once_and_the_same_text():
+    """word_boundaries=False (the server's streams): a token's text as soon as it decodes whole, never half a
+    character, trailing spaces held; the pieces join to the same text as the word-boundary streamer's."""
+    _, ours = _pipes("llama")
+    text = "Hello world, naïve café 日本語 😀 ok\nnext línea 🙂 end"
+    ids = ours.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+    by_token, by_word, released = [], [], []
+    token_stream = TextStreamer(ours.tokenizer, callback=by_token.append, word_boundaries=False)
+    word_stream = TextStreamer(ours.tokenizer, callback=by_word.append)
+    for i in ids:
+        token_stream.put(np.array([i]))
+        word_stream.put(np.array([i]))
+        released.append(len("".join(by_token)) - len("".join(by_word)))
+    token_stream.end()
+    word_stream.end()
+    assert "".join(by_token) == "".join(by_word) == text
+    assert not any("\ufffd" in p for p in by_token)
+    assert by_token[0] == ours.tokenizer.decode(ids[:1])  # the first token's text, before the next token came
+    assert max(released) > 0 and min(released) >= -1  # often ahead, behind only by a held trailing space
+    assert not any(p.endswith(" ") for p in by_token[:-1])
+
+
 def test_breaking_out_of_a_stream_stops_the_generation():
     _, ours = _pipes("gpt2")
     stream = ours.stream("the quick brown fox", do_sample=False, max_new_tokens=200, min_new_tokens=200)

@@ -46,8 +46,9 @@ BATCHING = {
     "llama.cpp": "llama-cpp-python's high-level `Llama` decodes one sequence (context n_seq_max 1, `generate()` takes "
                  "one prompt); its low-level bindings (`llama_batch` with a seq_id per sequence, `n_seq_max`, one "
                  "`llama_decode` per step) do what `llama-server --parallel N` does with its slots (continuous "
-                 "batching over slots; the server binary is not built by llama-cpp-python and was not built here). "
-                 "Measured here: the low-level API, greedy argmax in Python.",
+                 "batching over slots; llama-cpp-python does not build the server binary). Measured here: the low-level "
+                 "API, greedy argmax in Python; `llama-server --parallel 8` itself, built from the same vendored "
+                 "sources, beside `onnxpipe serve` in `python -m bench.peers.server` (bench/results/peers_server.md).",
     "ctranslate2": "static batch: `Generator.generate_batch` (sequences that finish leave the batch; `max_batch_size`, "
                    "`batch_type` split large ones); continuous batching is not in its Python API. Measured here.",
     "openvino": "not a decoder peer here (decoding needs optimum-intel / openvino-genai exports): not measured.",

@@ -3,6 +3,10 @@
 Text is only released at a safe boundary: after a newline, after a CJK character, or up to the
 last space; and never while the decoded tail ends in U+FFFD (a multi-byte character whose bytes are
 split over byte-level BPE tokens that have not all arrived yet). `end()` flushes the rest.
+`word_boundaries=False` (the server's streams, as OpenAI's and llama-server's stream tokens) releases
+each token's text as soon as it decodes whole, holding back only trailing spaces (a tokenizer's
+clean-up may fold a space into the punctuation that follows): a client sees the first word one decode
+step sooner, not when the second word starts.
 
     streamer = TextStreamer(tokenizer, callback=print_piece)
     for piece in TextIteratorStreamer(tokenizer): ...      # fed by generate() in another thread
@@ -21,9 +25,10 @@ class TextStreamer:
     """Calls `callback(text)` with each printable piece. `put(ids)` takes the new ids of one sequence."""
 
     def __init__(self, tokenizer, callback: Callable[[str], None] | None = None, skip_special_tokens: bool = True,
-                 **decode_kwargs):
+                 word_boundaries: bool = True, **decode_kwargs):
         self.tokenizer = tokenizer
         self.callback = callback
+        self.word_boundaries = word_boundaries
         self.decode_kwargs = {"skip_special_tokens": skip_special_tokens, **decode_kwargs}
         self.token_cache: list[int] = []
         self.print_len = 0
@@ -40,6 +45,9 @@ class TextStreamer:
             self.print_len = 0
         elif text and _is_cjk(ord(text[-1])):
             printable = text[self.print_len:]
+            self.print_len += len(printable)
+        elif not self.word_boundaries:
+            printable = text[self.print_len:max(self.print_len, len(text.rstrip(" ")))]
             self.print_len += len(printable)
         else:
             printable = text[self.print_len:text.rfind(" ") + 1]

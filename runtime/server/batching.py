@@ -300,16 +300,17 @@ class StreamEnd:
 
 
 def text_pieces(tokenizer, job: Job):
-    """A TextStreamer that hands a stream job each decoded text piece, as the request's skip_special_tokens says."""
+    """A TextStreamer that hands a stream job each token's text as soon as it decodes whole (not at word
+    boundaries, as a console streamer waits for), as the request's skip_special_tokens says."""
     from onnxpipe.generation import TextStreamer
 
-    return TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece),
+    return TextStreamer(tokenizer, callback=lambda piece: job.push("piece", piece), word_boundaries=False,
                         skip_special_tokens=job.options.given.get("skip_special_tokens", True))
 
 
 class _StreamTap:
-    """The pipeline's `streamer`: counts new tokens, decodes them into text pieces as transformers'
-    TextStreamer does, and stops generation by raising once the client has gone."""
+    """The pipeline's `streamer`: counts new tokens, decodes them into text pieces (text_pieces), and stops
+    generation by raising once the client has gone."""
 
     def __init__(self, tokenizer, job: Job):
         self.job = job
