@@ -194,7 +194,8 @@ def export_model(
                 int4_roles = quantize_int4(tmp_out, roles, int4_method)
                 fidelity = measure_fidelity(model, tokenizer, task, tmp_out, int4_roles)
                 quantization["int4"] = {**INT4_INFO[int4_method], "block_size": 32, "accuracy_level": 4,
-                                        "lm_head": "8-bit blocks (MatMulNBits)", "fidelity": fidelity}
+                                        "lm_head": "8-bit blocks (MatMulNBits)",
+                                        "embeddings": "4-bit blocks (GatherBlockQuantized)", "fidelity": fidelity}
                 _warn_if_poor("int4", fidelity)
             fp16 = _export_fp16(model, tokenizer, task, tmp_out, roles, config, fp16_atol, fp16_rtol, validate) \
                 if dtype == "fp16" else None

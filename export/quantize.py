@@ -99,7 +99,10 @@ def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_
     - the LM head (a MatMul giving a graph output; a tied one untied first): 8-bit blocks, as the int8 export's.
       In fp32 it was 62% of an int4 decode step's weights (49,152 x 576 for SmolLM2); in 4 bits it cost +10%
       perplexity where 8 bits cost nothing measurable;
-    - a MatMul whose K is not a multiple of `block_size`: symmetric 4-bit blocks (MatMulNBits pads them)."""
+    - a MatMul whose K is not a multiple of `block_size`: symmetric 4-bit blocks (MatMulNBits pads them);
+    - embedding tables (a Gather of a constant 2-D table along axis 0): symmetric 4-bit blocks along the hidden size
+      (GatherBlockQuantized), as onnxruntime-genai's int4: SmolLM2's 113 MB fp32 table (227 -> 132 MB of int4
+      weights), perplexity +0.2%, a step no slower (one row read per token)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -126,9 +129,28 @@ def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_
         offsets = quantize_asymmetric_blocks(model, block_size=block_size, accuracy_level=accuracy_level) \
             if method == "asymmetric" else []
         model = nbits(model, 4, nodes_to_exclude=offsets)  # what the asymmetric pass did not take
+        tables = embedding_gathers(model, block_size)
+        if tables:
+            model = nbits(model, 4, nodes_to_include=tables, op_types_to_quantize=("NoSuchOp",),
+                          quant_axes=(("Gather", 1),))
         onnx.save_model(model, str(dst))
         written[role] = dst.name
     return written
+
+
+def embedding_gathers(model, block_size: int) -> list[str]:
+    """Gathers along axis 0 of a constant 2-D float table whose rows split into whole blocks (embeddings)."""
+    from onnx import TensorProto
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        table = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if table is not None and axis == 0 and table.data_type == TensorProto.FLOAT and len(table.dims) == 2 \
+                and table.dims[1] % block_size == 0:
+            out.append(n.name)
+    return out
 
 
 def lm_heads(model) -> list[str]:

@@ -216,6 +216,9 @@ def test_int4_projections_are_4_bit_blocks_and_the_lm_head_8_bit(method, tmp_pat
                     and next(a.i for a in n.attribute if a.name == "K") % 32 == 0]  # the others: symmetric, padded
     assert 0 < len(whole_blocks) and len(offsets) == (len(whole_blocks) if method == "asymmetric" else 0)
     assert m["quantization"]["int4"]["symmetric"] is (method == "symmetric")
+    embedding = producers["/model/embed_tokens/Gather_output_0"]  # hidden size 32: whole blocks, 4 bits
+    assert embedding.op_type == "GatherBlockQuantized" and next((a.i for a in embedding.attribute if a.name == "bits"), 4) == 4
+    assert m["quantization"]["int4"]["embeddings"].startswith("4-bit")
 
 
 def test_unknown_int4_method_is_a_clear_error(tmp_path):

@@ -27,8 +27,8 @@ def smollm2_onnx() -> Path:
     """onnxpipe's export of SmolLM2 with int8 and int4 twins (fused, as the export's --optimize writes it)."""
     out = MODELS / "smollm2-onnx"
     if (out / "onnxpipe.json").exists() and (out / "model.int4.onnx").exists() and \
-            json.loads((out / "onnxpipe.json").read_text())["quantization"]["int4"].get("lm_head"):
-        return out  # (an export from before the asymmetric int4 with its 8-bit LM head is made again)
+            json.loads((out / "onnxpipe.json").read_text())["quantization"]["int4"].get("embeddings"):
+        return out  # (an export from before the int4 of 8-bit head and 4-bit embeddings is made again)
     from onnxpipe.export import export_model
 
     print("bench peers: exporting SmolLM2 fp32 + int8 + int4 (once)", flush=True)

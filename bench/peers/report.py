@@ -100,7 +100,8 @@ def markdown(res: dict) -> str:
                   f"{len(fid['articles'])} news articles, {fid['tokens_per_article']} tokens each, all-position logits "
                   "(the same corpus as `python -m bench fidelity`); the decode speeds are in the int4 table above. "
                   "onnxpipe's default int4 stores asymmetric blocks of 32 with a float offset each (llama.cpp's Q4_1 "
-                  "layout) and the LM head in 8 bits; `--int4-method symmetric` uses MatMulNBits' own symmetric blocks. "
+                  "layout), the LM head in 8 bits and the embeddings in 4; `--int4-method symmetric` uses MatMulNBits' own "
+                  "symmetric blocks. "
                   "This SmolLM2 is a Q4_1 GGUF dequantized, so its weights lie on Q4_1's grid: the default and "
                   "llama.cpp's Q4_1 reproduce them exactly, which weights from elsewhere would not allow.", "",
                   "| variant | perplexity | vs fp32 | weights on disk |", "|---|---|---|---|"]
