@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from onnxpipe.folder_install import install_folder
+from onnxpipe.manifest_fields import BERT_FAMILY, runtime_optimization
 from onnxpipe.hub import is_repo_id
 from onnxpipe.task_table import EXPORT_TASKS, export_task, task_for_architectures
 
@@ -32,8 +33,7 @@ log = logging.getLogger("onnxpipe.export")
 TASKS = EXPORT_TASKS
 # Model types whose exports ONNX Runtime's transformer optimizer fuses well (STACK.md):
 # encoders only. T5 fuses into RelativePositionBias, which the CPU provider cannot run.
-OPTIMIZER_MODEL_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert",
-                         "camembert": "bert", "electra": "bert", "albert": "bert", "mpnet": "bert", "deberta-v2": "bert",
+OPTIMIZER_MODEL_TYPES = {**{t: "bert" for t in BERT_FAMILY},
                          # Llama-family decoders: ONNX Runtime's GPT-2 optimizer (which it also uses for Qwen3) fuses
                          # RMSNorm + residual into SkipSimplifiedLayerNormalization: SmolLM2 fp32 decode +12% here;
                          # then graph.py fuses each layer's attention and RoPE into ONNX Attention / RotaryEmbedding
@@ -334,19 +334,10 @@ def _prune_tokenizer_sources(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-# ONNX Runtime optimizers an encoder's sessions turn off (manifest optimization.runtime_disabled_optimizers):
-# residual Add + LayerNormalization stay as they are, fused or not by --optimize. ONNX Runtime 1.32's
-# SkipLayerNormalization CPU kernel takes 309 us at 128 x 768 where Add + Add + LayerNormalization take 100 (its
-# float loop is scalar): BERT-base --optimize L128 int8 1.17x, fp32 1.07x, L16 1.05x; the plain MiniLM-L6 default
-# int8 1.10x (L16) and 1.12x (L128), fp32 the same (Intel Xeon AMX, interleaved A/Bs of 16 rounds: issue 26).
-# Without the word the runtime's own level-2 optimizer fuses them at load.
-ENCODER_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
-
-
 def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: str = "gqa") -> dict:
     model_type = OPTIMIZER_MODEL_TYPES.get(config.model_type)
-    encoder = model_type == "bert" and set(roles) == {"model"}
-    runtime = {"runtime_disabled_optimizers": list(ENCODER_DISABLED_OPTIMIZERS)} if encoder else {}
+    runtime = runtime_optimization(config.model_type, roles)
+    encoder = bool(runtime)
     if not optimize:
         return {"applied": False, "note": "not requested (--optimize)", **runtime}
     if model_type is None or set(roles) != {"model"}:
@@ -361,7 +352,7 @@ def _maybe_optimize(out: Path, roles: dict, config, optimize: bool, attention: s
     num_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", 0)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", 0)
     options, extra = None, ({"attention": attention} if model_type == "gpt2" else dict(runtime))
-    if encoder:  # the residual Add + LayerNormalization left unfused (ENCODER_DISABLED_OPTIMIZERS)
+    if encoder:  # the residual Add + LayerNormalization left unfused (manifest_fields.ENCODER_DISABLED_OPTIMIZERS)
         from onnxruntime.transformers.fusion_options import FusionOptions
 
         options = FusionOptions("bert")

@@ -72,6 +72,26 @@ def kv_cache_section(task: str, io: dict, shared_buffer: bool = False, rotary: d
     return info
 
 
+# BERT-family encoders (config.json's model_type): ONNX Runtime's transformer optimizer fuses them as "bert" models.
+BERT_FAMILY = frozenset({"bert", "distilbert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "mpnet",
+                         "deberta-v2"})
+# ONNX Runtime optimizers a BERT-family encoder's sessions turn off (manifest optimization.runtime_disabled_optimizers):
+# residual Add + LayerNormalization stay as they are. ONNX Runtime 1.32's SkipLayerNormalization CPU kernel takes
+# 309 us at 128 x 768 where Add + Add + LayerNormalization take 100 (its float loop is scalar): BERT-base --optimize
+# L128 int8 1.17x, fp32 1.07x, L16 1.05x; the plain MiniLM-L6 default int8 1.10x (L16) and 1.12x (L128), fp32 the
+# same (Intel Xeon AMX, interleaved A/Bs of 16 rounds: issue 26). Without the word ONNX Runtime's own level-2
+# optimizer fuses them at load.
+ENCODER_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
+
+def runtime_optimization(model_type: str | None, roles) -> dict:
+    """The optimization section's runtime part: {"runtime_disabled_optimizers": [...]} for a one-graph BERT-family
+    encoder, else {}. Exported and imported folders alike."""
+    if model_type in BERT_FAMILY and set(roles) == {"model"}:
+        return {"runtime_disabled_optimizers": list(ENCODER_DISABLED_OPTIMIZERS)}
+    return {}
+
+
 def max_positions(config: Mapping) -> int | None:
     """The model's own position limit from config.json's fields (None when positions are relative, e.g. T5)."""
     for key in ("max_position_embeddings", "n_positions", "max_positions"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .folder_install import build_folder, link_or_copy
 from .manifest_fields import (EXTERNAL_DATA_SUFFIXES, file_entry, kv_cache_section, max_positions,
-                              sentence_embedding_section, versions)
+                              runtime_optimization, sentence_embedding_section, versions)
 from .task_table import ENCODER_EXPORT_TASKS, export_task, task_for_architectures
 
 MANIFEST_NAME = "onnxpipe.json"
@@ -127,7 +127,8 @@ def derive_manifest(folder: str | os.PathLike, *, task: str | None = None, preci
         "prefix": config.get("prefix"),
         "task_specific_params": config.get("task_specific_params"),
         "sentence_embedding": sentence_embedding_section(task, folder),
-        "optimization": {"applied": False, "note": "imported as published; onnxpipe's graph fusions were not applied"},
+        "optimization": {"applied": False, "note": "imported as published; onnxpipe's graph fusions were not applied",
+                         **runtime_optimization(config.get("model_type"), io)},
         "quantization": {p: {"method": f"as published ({_suffix_of(files, p)} files); fidelity not measured"}
                          for p in precisions if p != "fp32"} or None,
         "validation": {"passed": None, "skipped": True, "results": [],

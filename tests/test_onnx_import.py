@@ -40,6 +40,10 @@ def test_derived_manifest_says_what_the_exporter_says(model):
     derived, _ = derive_manifest(optimum_repo(arch, task))
     for field in SAME_FIELDS:
         assert derived[field] == exported[field], field
+    # the fusions the sessions turn off (BERT-family encoders: SkipLayerNormFusion), alike for both folders
+    word = derived["optimization"].get("runtime_disabled_optimizers")
+    assert word == exported["optimization"].get("runtime_disabled_optimizers")
+    assert bool(word) == (arch in ("bert", "roberta", "distilbert"))
     if exported["kv_cache"]:
         assert {k: v for k, v in derived["kv_cache"].items() if k != "shared_buffer"} == \
             {k: v for k, v in exported["kv_cache"].items() if k != "shared_buffer"}
