@@ -100,7 +100,7 @@ def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_
       In fp32 it was 62% of an int4 decode step's weights (49,152 x 576 for SmolLM2); in 4 bits it cost +10%
       perplexity where 8 bits cost nothing measurable;
     - a MatMul whose K is not a multiple of `block_size`: symmetric 4-bit blocks (MatMulNBits pads them);
-    - embedding tables (a Gather of a constant 2-D table along axis 0): symmetric 4-bit blocks along the hidden size
+    - the token embedding table (a Gather of input_ids): symmetric 4-bit blocks along the hidden size
       (GatherBlockQuantized), as onnxruntime-genai's int4: SmolLM2's 113 MB fp32 table (227 -> 132 MB of int4
       weights), perplexity +0.2%, a step no slower (one row read per token)."""
     import onnx
@@ -139,13 +139,15 @@ def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_
 
 
 def embedding_gathers(model, block_size: int) -> list[str]:
-    """Gathers along axis 0 of a constant 2-D float table whose rows split into whole blocks (embeddings)."""
+    """Token embeddings: Gathers of the graph's token-id input along axis 0 of a constant 2-D float table whose rows
+    split into whole blocks (position and token-type tables, small, stay float)."""
     from onnx import TensorProto
 
     inits = {i.name: i for i in model.graph.initializer}
+    ids = {i.name for i in model.graph.input} & {"input_ids", "decoder_input_ids"}
     out = []
     for n in model.graph.node:
-        table = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        table = inits.get(n.input[0]) if n.op_type == "Gather" and n.input[1] in ids else None
         axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
         if table is not None and axis == 0 and table.data_type == TensorProto.FLOAT and len(table.dims) == 2 \
                 and table.dims[1] % block_size == 0:
