@@ -10,7 +10,6 @@ export never leaves a folder that looks valid.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -54,34 +54,19 @@ def check_dynamic_int8_supported(path) -> None:
 
 
 def quantize_weight_only(out_dir: Path, roles: dict, *, bits: int, block_size: int = 32, accuracy_level: int = 4,
-                         suffix: str, untie_lm_head: bool = True) -> dict[str, str]:
+                         suffix: str) -> dict[str, str]:
     """Weight-only block quantization of every constant-weight MatMul with ONNX Runtime's MatMulNBits
     (symmetric blocks of `block_size`, as onnxruntime-genai writes for CPU); writes `<name>.<suffix>.onnx`.
 
-    GPT-2's Gemm layers become MatMul + Add first, and a tied LM head (MatMul on
-    Transpose(embedding)) is untied when `untie_lm_head`, so every projection is quantized. `accuracy_level=4` lets the CPU kernel
-    quantize activations to int8 and use integer dot products (level 0 dequantizes to fp32 and
-    was ~10x slower here).
+    GPT-2's Gemm layers become MatMul + Add first, and a tied LM head (MatMul on Transpose(embedding)) is untied,
+    so every projection is quantized. `accuracy_level=4` lets the CPU kernel quantize activations to int8 and use
+    integer dot products (level 0 dequantizes to fp32 and was ~10x slower here).
     """
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from .graph import gemm_to_matmul, untie_transposed_weights
-
     written = {}
     for role, name in roles.items():
-        src = out_dir / name
-        dst = out_dir / name.replace(".onnx", f".{suffix}.onnx")
-        model = onnx.load(str(src))
-        if untie_lm_head:
-            untie_transposed_weights(model)
-        gemm_to_matmul(model)
-        with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            quant = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=accuracy_level)
-            quant.process()
-        quant.model.save_model_to_file(str(dst), use_external_data_format=False)
-        written[role] = dst.name
+        model = _matmuls_ready(out_dir / name)
+        model = _nbits(model, bits, block_size, accuracy_level)
+        written[role] = _save(model, out_dir, name, suffix)
     return written
 
 
@@ -93,9 +78,9 @@ def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_
     """Weight-only int4 (MatMulNBits; `accuracy_level=4` computes with int8 activations). Writes
     `<name>.int4.onnx` per role:
     - the projections, `method` "asymmetric": 4-bit blocks of `block_size` with a float offset each (int4_blocks.py:
-      Q4_1's layout; SmolLM2's news-text perplexity -0.1% against fp32); "symmetric": MatMulNBits' own symmetric
-      blocks (+24%, and ~1.5x faster per decode step on SmolLM2: the offsets' three small ops per projection are
-      ONNX Runtime kernel calls of a few microseconds each, 360 of them per step);
+      Q4_1's layout; SmolLM2's news-text perplexity +0.1% against fp32, all of this int4 together); "symmetric":
+      MatMulNBits' own symmetric blocks (+24-26%, and 1.24-1.37x faster decode on SmolLM2: the offsets' three small
+      ops per projection are ONNX Runtime kernel calls of a few microseconds each, 360 of them per step);
     - the LM head (a MatMul giving a graph output; a tied one untied first): 8-bit blocks, as the int8 export's.
       In fp32 it was 62% of an int4 decode step's weights (49,152 x 576 for SmolLM2); in 4 bits it cost +10%
       perplexity where 8 bits cost nothing measurable;
@@ -103,39 +88,56 @@ def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_
     - the token embedding table (a Gather of input_ids): symmetric 4-bit blocks along the hidden size
       (GatherBlockQuantized), as onnxruntime-genai's int4: SmolLM2's 113 MB fp32 table (227 -> 132 MB of int4
       weights), perplexity +0.2%, a step no slower (one row read per token)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from .graph import gemm_to_matmul, untie_transposed_weights
     from .int4_blocks import quantize_asymmetric_blocks
-
-    def nbits(model, bits, **kw):
-        with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level, **kw)
-            q.process()
-        return q.model.model
 
     written = {}
     for role, name in roles.items():
-        src = out_dir / name
-        dst = out_dir / name.replace(".onnx", ".int4.onnx")
-        model = onnx.load(str(src))
-        untie_transposed_weights(model)
-        gemm_to_matmul(model)
+        model = _matmuls_ready(out_dir / name)
         heads = lm_heads(model)
         if heads:
-            model = nbits(model, 8, nodes_to_include=heads, op_types_to_quantize=("NoSuchOp",))
+            model = _nbits(model, 8, block_size, accuracy_level, nodes_to_include=heads,
+                           op_types_to_quantize=("NoSuchOp",))
         offsets = quantize_asymmetric_blocks(model, block_size=block_size, accuracy_level=accuracy_level) \
             if method == "asymmetric" else []
-        model = nbits(model, 4, nodes_to_exclude=offsets)  # what the asymmetric pass did not take
+        model = _nbits(model, 4, block_size, accuracy_level, nodes_to_exclude=offsets)  # what is left
         tables = embedding_gathers(model, block_size)
         if tables:
-            model = nbits(model, 4, nodes_to_include=tables, op_types_to_quantize=("NoSuchOp",),
-                          quant_axes=(("Gather", 1),))
-        onnx.save_model(model, str(dst))
-        written[role] = dst.name
+            model = _nbits(model, 4, block_size, accuracy_level, nodes_to_include=tables,
+                           op_types_to_quantize=("NoSuchOp",), quant_axes=(("Gather", 1),))
+        written[role] = _save(model, out_dir, name, "int4")
     return written
+
+
+def _matmuls_ready(path: Path):
+    """The graph with a tied LM head untied and Gemm layers as MatMul + Add: every projection a constant-weight
+    MatMul, as MatMulNBits takes them."""
+    import onnx
+
+    from .graph import gemm_to_matmul, untie_transposed_weights
+
+    model = onnx.load(str(path))
+    untie_transposed_weights(model)
+    gemm_to_matmul(model)
+    return model
+
+
+def _nbits(model, bits: int, block_size: int, accuracy_level: int, **kw):
+    """ONNX Runtime's MatMulNBitsQuantizer (symmetric blocks) over `model`, quietly; kw picks the nodes."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=accuracy_level, **kw)
+        q.process()
+    return q.model.model
+
+
+def _save(model, out_dir: Path, name: str, suffix: str) -> str:
+    import onnx
+
+    dst = out_dir / name.replace(".onnx", f".{suffix}.onnx")
+    onnx.save_model(model, str(dst))
+    return dst.name
 
 
 def embedding_gathers(model, block_size: int) -> list[str]:
