@@ -12,6 +12,7 @@ Same weights (onnxpipe's fp32 / weight-only int8 export of the GGUF's transforme
 of it), same client (bench/generation_load.py's closed loop: a numbered question per request, greedy, a stop
 string that never occurs, max_tokens 24..72), both on loopback with 2 threads for inference; each (precision,
 clients) runs the two servers in alternating order, `--rounds` times. Writes bench/results/peers_server.json / .md.
+Needs `python -m bench peers` to have run once (its llama.cpp venv and GGUF files).
 """
 from __future__ import annotations
 
@@ -86,6 +87,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     slots = max(clients)
+    missing = [GGUF[p] for p in args.precisions.split(",") if not (models.MODELS / GGUF[p]).exists()]
+    if missing or not install.python("llama.cpp").exists():
+        raise SystemExit(f"bench peers server: run `python -m bench peers` first (it installs llama.cpp and writes "
+                         f"the GGUF files this bench serves; missing: {', '.join(missing) or 'the llama.cpp venv'})")
     load_before = os.getloadavg()
     onnx_dir = models.smollm2_onnx()
     runs = []
