@@ -141,15 +141,25 @@ def _save(model, out_dir: Path, name: str, suffix: str) -> str:
 
 
 def embedding_gathers(model, block_size: int) -> list[str]:
-    """Token embeddings: Gathers of the graph's token-id input along axis 0 of a constant 2-D float table whose rows
-    split into whole blocks (position and token-type tables, small, stay float)."""
+    """Token embeddings: Gathers of the graph's token-id input (reshaped or cast on the way, or not) along axis 0 of a
+    constant 2-D float table whose rows split into whole blocks (position and token-type tables, small, stay float)."""
     from onnx import TensorProto
 
     inits = {i.name: i for i in model.graph.initializer}
-    ids = {i.name for i in model.graph.input} & {"input_ids", "decoder_input_ids"}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    token_ids = {i.name for i in model.graph.input} & {"input_ids", "decoder_input_ids"}
+
+    def of_token_ids(name: str) -> bool:  # through reshapes and casts (GPT-2 flattens its ids first)
+        while name not in token_ids:
+            node = producers.get(name)
+            if node is None or node.op_type not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"):
+                return False
+            name = node.input[0]
+        return True
+
     out = []
     for n in model.graph.node:
-        table = inits.get(n.input[0]) if n.op_type == "Gather" and n.input[1] in ids else None
+        table = inits.get(n.input[0]) if n.op_type == "Gather" and of_token_ids(n.input[1]) else None
         axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
         if table is not None and axis == 0 and table.data_type == TensorProto.FLOAT and len(table.dims) == 2 \
                 and table.dims[1] % block_size == 0:

@@ -221,6 +221,21 @@ def test_int4_projections_are_4_bit_blocks_and_the_lm_head_8_bit(method, tmp_pat
     assert m["quantization"]["int4"]["embeddings"].startswith("4-bit")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_int4_finds_the_token_embedding_and_the_head_in_other_graphs(arch, tmp_path):
+    """GPT-2 reshapes its ids before the Gather and ties its head through a Transpose; BERT's position and
+    token-type tables stay float."""
+    onnx = pytest.importorskip("onnx")
+    task = "text-generation" if arch == "gpt2" else "text-classification"
+    out = export_model(tiny_checkpoint(arch, task), tmp_path / "m", task, quantize="int4")
+    graph = onnx.load(str(out / _manifest(out)["files"]["model"]["int4"]["path"])).graph
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
+    assert any(n.op_type == "Gather" and ("position" in n.input[0] or "wpe" in n.input[0]) for n in graph.node)
+    if arch == "gpt2":
+        head = {o: n for n in graph.node for o in n.output}["logits"]
+        assert head.op_type == "MatMulNBits" and next(a.i for a in head.attribute if a.name == "bits") == 8
+
+
 def test_unknown_int4_method_is_a_clear_error(tmp_path):
     with pytest.raises(ExportError, match="--int4-method 'nf4' is not supported"):
         export_model(tiny_checkpoint("llama", "text-generation"), tmp_path / "x", quantize="int4", int4_method="nf4")
