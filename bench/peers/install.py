@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("ONNXPIPE_PEERS_CACHE", ROOT / ".cache" / "peers"))
 
 # llama.cpp's AMX kernels crashed here with SIGILL in ggml_backend_amx_mul_mat (issue 26): built without them.
-_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 ENGINES = {
     # the model builder imports onnx_ir (undeclared) and wants a newer transformers than onnxpipe's export pin;
     # torch comes from onnxpipe's venv (a path appended after the venv's own: its own packages win)
     "onnxruntime-genai": {"packages": ["onnxruntime-genai==0.18.0", "onnx_ir", "onnx", "transformers>=4.57",
                                        "sentencepiece", "protobuf"], "torch": True, "dist": "onnxruntime-genai"},
     "llama.cpp": {"packages": ["llama-cpp-python==0.3.36"], "dist": "llama-cpp-python", "no_binary": "llama-cpp-python",
-                  "env": {"CMAKE_ARGS": f"-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='{_NO_AMX}' -DCMAKE_CXX_FLAGS='{_NO_AMX}' "
+                  "env": {"CMAKE_ARGS": f"-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='{NO_AMX}' -DCMAKE_CXX_FLAGS='{NO_AMX}' "
                                         "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF "
                                         "-DLLAMA_CURL=OFF",
                           "CMAKE_BUILD_PARALLEL_LEVEL": "2"}},

@@ -34,7 +34,6 @@ from . import install, models
 VERSION = "0.3.36"  # llama-cpp-python's, whose vendored llama.cpp is built
 BUILD = install.CACHE / "llama-server"
 GGUF = {"fp32": "smollm2-F32.gguf", "int8": "smollm2-Q8_0.gguf"}
-_NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def llama_server_binary() -> Path:
@@ -51,9 +50,9 @@ def llama_server_binary() -> Path:
             tar.extractall(BUILD, filter="data")
     print("bench peers server: building llama-server (once)", flush=True)
     subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-                    f"-DCMAKE_C_FLAGS={_NO_AMX}", f"-DCMAKE_CXX_FLAGS={_NO_AMX}", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], cwd=src, check=True)
+                    f"-DCMAKE_C_FLAGS={install.NO_AMX}", f"-DCMAKE_CXX_FLAGS={install.NO_AMX}",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], cwd=src, check=True)
     subprocess.run(["cmake", "--build", "build", "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
                    cwd=src, check=True)
     return binary
