@@ -111,8 +111,10 @@ async def load(url: str, concurrency: int, requests: int, new_tokens: int, time_
             body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": wanted,
                     "temperature": 0, "stop": ["\u2603never\u2603"], "stream": True,
                     "stream_options": {"include_usage": True}}
-            for attempt in (1, 2):  # a kept-alive connection the server closed meanwhile (llama-server's allow 5
-                t0 = time.perf_counter()  # requests each) fails before any byte: asked again on a new one
+            # a kept-alive connection the server closed meanwhile (llama-server's allow 5 requests each) fails
+            # before any byte: the request is asked again, on a new one
+            for attempt in (1, 2):
+                t0 = time.perf_counter()
                 first = last = None
                 tokens = pieces = 0
                 try:

@@ -58,11 +58,6 @@ DEFAULT_PER_CHANNEL = True
 # weight type, weight-only 8-bit blocks +0.3%, and decoded fastest of all. "auto" picks it for
 # text-generation and dynamic int8 (which the encoders' figures were measured with) elsewhere.
 INT8_METHODS = ("auto", "dynamic", "weight-only")
-INT4_INFO = {  # the manifest's word for each --int4-method (export/quantize.py, export/int4_blocks.py)
-    "asymmetric": {"method": "weight-only 4-bit asymmetric blocks with a float offset each (MatMulNBits + offsets "
-                             "MatMul)", "symmetric": False},
-    "symmetric": {"method": "weight-only 4-bit blocks (MatMulNBits)", "symmetric": True},
-}
 WEIGHT_ONLY_INT8_BLOCK = 64  # SmolLM2 perplexity +0.44% (blocks of 32: +0.36%, 128: +1.35%), decode ~10% faster than 32
 
 
@@ -189,12 +184,10 @@ def export_model(
                 quantization["int8"] = {**info, "fidelity": fidelity}
                 _warn_if_poor("int8", fidelity)
             if "int4" in precisions:
-                from .quantize import quantize_int4
+                from .quantize import int4_info, quantize_int4
                 int4_roles = quantize_int4(tmp_out, roles, int4_method)
                 fidelity = measure_fidelity(model, tokenizer, task, tmp_out, int4_roles)
-                quantization["int4"] = {**INT4_INFO[int4_method], "block_size": 32, "accuracy_level": 4,
-                                        "lm_head": "8-bit blocks (MatMulNBits)",
-                                        "embeddings": "4-bit blocks (GatherBlockQuantized)", "fidelity": fidelity}
+                quantization["int4"] = {**int4_info(int4_method), "fidelity": fidelity}
                 _warn_if_poor("int4", fidelity)
             fp16 = _export_fp16(model, tokenizer, task, tmp_out, roles, config, fp16_atol, fp16_rtol, validate) \
                 if dtype == "fp16" else None

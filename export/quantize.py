@@ -70,7 +70,19 @@ def quantize_weight_only(out_dir: Path, roles: dict, *, bits: int, block_size: i
     return written
 
 
-INT4_METHODS = ("asymmetric", "symmetric")
+# The manifest's word for each int4 method (quantization.int4, beside its fidelity): what quantize_int4 writes.
+_INT4_METHOD_WORDS = {
+    "asymmetric": {"method": "weight-only 4-bit asymmetric blocks with a float offset each (MatMulNBits + offsets "
+                             "MatMul)", "symmetric": False},
+    "symmetric": {"method": "weight-only 4-bit blocks (MatMulNBits)", "symmetric": True},
+}
+INT4_METHODS = tuple(_INT4_METHOD_WORDS)
+
+
+def int4_info(method: str, block_size: int = 32, accuracy_level: int = 4) -> dict:
+    """How quantize_int4(method) quantizes, as the manifest says it."""
+    return {**_INT4_METHOD_WORDS[method], "block_size": block_size, "accuracy_level": accuracy_level,
+            "lm_head": "8-bit blocks (MatMulNBits)", "embeddings": "4-bit blocks (GatherBlockQuantized)"}
 
 
 def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_size: int = 32,
@@ -93,17 +105,12 @@ def quantize_int4(out_dir: Path, roles: dict, method: str = "asymmetric", block_
     written = {}
     for role, name in roles.items():
         model = _matmuls_ready(out_dir / name)
-        heads = lm_heads(model)
-        if heads:
-            model = _nbits(model, 8, block_size, accuracy_level, nodes_to_include=heads,
-                           op_types_to_quantize=("NoSuchOp",))
+        model = _nbits(model, 8, block_size, accuracy_level, only=lm_heads(model))
         offsets = quantize_asymmetric_blocks(model, block_size=block_size, accuracy_level=accuracy_level) \
             if method == "asymmetric" else []
         model = _nbits(model, 4, block_size, accuracy_level, nodes_to_exclude=offsets)  # what is left
-        tables = embedding_gathers(model, block_size)
-        if tables:
-            model = _nbits(model, 4, block_size, accuracy_level, nodes_to_include=tables,
-                           op_types_to_quantize=("NoSuchOp",), quant_axes=(("Gather", 1),))
+        model = _nbits(model, 4, block_size, accuracy_level, only=embedding_gathers(model, block_size),
+                       quant_axes=(("Gather", 1),))
         written[role] = _save(model, out_dir, name, "int4")
     return written
 
@@ -121,10 +128,15 @@ def _matmuls_ready(path: Path):
     return model
 
 
-def _nbits(model, bits: int, block_size: int, accuracy_level: int, **kw):
-    """ONNX Runtime's MatMulNBitsQuantizer (symmetric blocks) over `model`, quietly; kw picks the nodes."""
+def _nbits(model, bits: int, block_size: int, accuracy_level: int, only: list[str] | None = None, **kw):
+    """ONNX Runtime's MatMulNBitsQuantizer (symmetric blocks) over `model`, quietly: every MatMul (kw may exclude
+    some), or with `only` just those nodes (none: `model` as it is)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    if only is not None:
+        if not only:
+            return model
+        kw.update(nodes_to_include=only, op_types_to_quantize=("NoSuchOp",))  # by name alone, not by op type
     with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                  accuracy_level=accuracy_level, **kw)

@@ -10,7 +10,6 @@ asymmetric blocks reproduce exactly and llama.cpp's Q4_1 requantizes exactly; ot
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,26 +21,42 @@ NAME = "onnxpipe int4 --int4-method symmetric"
 
 
 def folder() -> Path:
+    """A copy of onnxpipe's SmolLM2 export with its int4 made again with --int4-method symmetric, its manifest
+    saying so."""
+    src = models.smollm2_onnx()
+    source = json.loads((src / "onnxpipe.json").read_text())
     out = models.MODELS / "smollm2-onnx-int4-symmetric"
-    if (out / "model.int4.onnx").exists():
-        return out
+    if (out / "onnxpipe.json").exists():  # current: made the same way from the same fp32 graph
+        made = json.loads((out / "onnxpipe.json").read_text())
+        if made["quantization"]["int4"] == _word() and \
+                made["files"]["model"]["fp32"] == source["files"]["model"]["fp32"]:
+            return out
     from onnxpipe.export.graph import externalize_weights
     from onnxpipe.export.quantize import quantize_int4
+    from onnxpipe.folder_install import build_folder
+    from onnxpipe.manifest_fields import file_entry
 
-    src = models.smollm2_onnx()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name.startswith("model.int4"):  # rewritten below; the manifest's entry names the same files
-            continue
-        shutil.copy2(f, tmp / f.name) if f.is_file() else shutil.copytree(f, tmp / f.name)
+    def fill(tmp: Path) -> None:
+        # copies, not hard links: onnx refuses external data reached through a second link (the quantizer loads
+        # the fp32 graph, and so may anything that loads the export's graphs later)
+        for f in src.iterdir():
+            if f.is_file() and not f.name.startswith("model.int4") and f.name != "onnxpipe.json":
+                shutil.copyfile(f, tmp / f.name)
+        quantize_int4(tmp, {"model": "model.onnx"}, "symmetric")
+        externalize_weights(tmp / "model.int4.onnx")
+        manifest = json.loads((src / "onnxpipe.json").read_text())
+        manifest["files"]["model"]["int4"] = file_entry(tmp, "model.int4.onnx")
+        manifest["quantization"]["int4"] = _word()  # the export's fidelity entry was the other int4's
+        (tmp / "onnxpipe.json").write_text(json.dumps(manifest, indent=1))  # last: a half-made folder has none
+
     print("bench peers: int4 with symmetric blocks (once)", flush=True)
-    quantize_int4(tmp, {"model": "model.onnx"}, "symmetric")
-    externalize_weights(tmp / "model.int4.onnx")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return build_folder(out, fill)
+
+
+def _word() -> dict:
+    from onnxpipe.export.quantize import int4_info
+
+    return int4_info("symmetric")
 
 
 def perplexity(threads: int, n_articles: int = 4, tokens: int = 256) -> dict:

