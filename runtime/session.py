@@ -39,7 +39,8 @@ class SessionConfig:
 
     device: 'cpu', 'cuda' or 'cuda:N'. intra_op_num_threads / inter_op_num_threads: None for ONNX Runtime's
     default (capped at this machine's CPU count, with a warning). allow_spinning: False makes the thread pool
-    sleep between runs instead of spinning (a server wants its cores back for parsing and tokenizing).
+    sleep between runs instead of spinning after each (a server wants its cores back for parsing and tokenizing);
+    within a run its threads still spin between operators.
     cache: the session cache (CPU only): None takes $ONNXPIPE_SESSION_CACHE (a folder, or "off"), else the
     default folder for graphs of DEFAULT_CACHE_MIN_BYTES or more; a folder; False for none.
     provider_options: extra options for the CUDA provider (e.g. {"gpu_mem_limit": ...}).
@@ -109,8 +110,11 @@ class SessionConfig:
                 Session._warn_once(f"onnxpipe: intra_op_num_threads={self.intra_op_num_threads} is ignored: this "
                                    f"process shares one ONNX Runtime thread pool of {pool} threads (share_thread_pool)")
             if not self.allow_spinning:
-                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+                # the threads stop spinning when a run returns, not between the operators of a run: never spinning
+                # (session.*.allow_spinning=0) woke a sleeping thread at each parallel operator, which cost the
+                # server 4-8% of SmolLM2's tokens/s at 8 clients and 15-25% of BERT-small's requests/s at one
+                # (A/B here; only a 2-layer toy, whose whole run is shorter than a spin, lost: README, Load test)
+                so.add_session_config_entry("session.force_spinning_stop", "1")
         if pool is not None:  # every session of the process runs on the one pool (share_thread_pool)
             so.use_per_session_threads = False
         return so

@@ -164,7 +164,7 @@ def test_session_settings_are_one_object_passed_intact(tiny):
                              session_config=config)
     session = pipe.model.session()
     assert session.config is config
-    assert session.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session.options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert session.options.intra_op_num_threads == 1
     with pytest.raises(TypeError, match="not both"):
         onnxpipe.pipeline("text-classification", model=tiny.export("bert", "text-classification"),

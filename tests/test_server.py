@@ -334,6 +334,7 @@ def test_serve_loads_a_large_model_from_the_session_cache_on_its_second_start(tm
     assert pool.ready, pool.load_error
     session = next(iter(pool.workers.values())).pipe.model.session()
     assert session.cache_hit and session.cached_from.parent == tmp_path / "xdg" / "onnxpipe" / "sessions"
-    assert session.options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert session.options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert session.options.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError):  # spinning between a run's operators stays on
+        session.options.get_session_config_entry("session.intra_op.allow_spinning")
     pool.close()
