@@ -226,6 +226,31 @@ def test_damaged_session_cache_entry_is_rebuilt(tiny, tmp_path):
                                atol=1e-5)
 
 
+def test_session_cache_checksums_read_in_chunks_equal_the_whole_files_and_see_any_change(tmp_path, monkeypatch):
+    """The entry's checksum reads its files a chunk at a time (mapping them counted the whole entry in the
+    process's resident memory): the same sums as over each whole file, whatever the chunk boundaries."""
+    monkeypatch.setattr(session_mod, "_CHECKSUM_CHUNK", 64)
+    rng = np.random.default_rng(0)
+    sizes = [0, 5, 8, 13, 64, 67, 200, 256]
+    for n in sizes:
+        (tmp_path / f"f{n}").write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+
+    def whole(data: bytes) -> str:
+        words = [int.from_bytes(data[i:i + 8], "little") for i in range(0, len(data) // 8 * 8, 8)]
+        xor = 0
+        for w in words:
+            xor ^= w
+        return f"{sum(words) % 2**64:016x}{xor:016x}{data[len(data) // 8 * 8:].hex()}-{len(data)}"
+
+    sums = session_mod._checksums(tmp_path)
+    assert sums == {f"f{n}": whole((tmp_path / f"f{n}").read_bytes()) for n in sizes}
+    for n, at in [(200, 3), (200, 130), (67, 65)]:  # first chunk, a later chunk, the tail after the last word
+        data = bytearray((tmp_path / f"f{n}").read_bytes())
+        data[at] ^= 1
+        (tmp_path / f"f{n}").write_bytes(bytes(data))
+        assert session_mod._checksums(tmp_path)[f"f{n}"] != sums[f"f{n}"]
+
+
 def test_shared_thread_pool_runs_every_session_of_the_process_on_one_pool(tiny):
     """Process-wide, so in a child process: two models (and a session of other code that opts in) on one pool,
     the same answers as with a pool each, and a per-session thread count is reported as ignored."""
