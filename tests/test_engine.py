@@ -172,6 +172,30 @@ def test_prefix_cache_keeps_whole_blocks_checks_tokens_and_evicts_the_least_rece
     assert cache.lookup(np.arange(300, 300 + 2 * BLOCK))[0][0].max() == 0
 
 
+def test_prefix_cache_eviction_keeps_a_shared_prefix_that_another_prompt_holds():
+    """Two prompts share a start (a chat template's); the newer answers for it. When the newer is evicted first
+    (the older was used since), the start is still known through the older one."""
+    import numpy as np
+
+    from onnxpipe.generation.prefix_cache import BLOCK, PrefixCache
+
+    def kv(n, value):
+        return [np.full((1, n, 2), value, np.float32)]
+
+    start = np.arange(2 * BLOCK)
+    older = np.concatenate([start, np.arange(500, 500 + 2 * BLOCK)])
+    newer = np.concatenate([start, np.arange(600, 600 + 2 * BLOCK)])
+    cache = PrefixCache(max_bytes=2 * kv(4 * BLOCK, 0)[0].nbytes)
+    cache.store(older, lambda n: kv(n, 1.0))
+    cache.store(newer, lambda n: kv(n, 2.0))
+    assert cache.lookup(older)[1] == 4 * BLOCK  # the older prompt is now the most recent
+    cache.store(np.arange(700, 700 + 4 * BLOCK), lambda n: kv(n, 3.0))  # over max_bytes: `newer` goes
+    assert cache.lookup(newer, limit=3 * BLOCK)[1] == 2 * BLOCK  # its own blocks are gone, the shared start is not
+    arrays, n = cache.lookup(np.concatenate([start, np.arange(800, 800 + BLOCK)]))
+    assert n == 2 * BLOCK and arrays[0][0, 0, 0] == 1.0  # answered from the older prompt's KV
+    assert cache.bytes <= cache.max_bytes
+
+
 def test_beam_search_is_refused_clearly():
     engine = GenerationEngine(_pipe("gpt2"))
     with pytest.raises(ValueError, match="beam search"):

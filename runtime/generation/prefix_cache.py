@@ -86,8 +86,17 @@ class PrefixCache:
         self.bytes = 0
 
     def _evict(self) -> None:
+        """Drop the least recently used prompt; a prefix it answered for that another kept prompt shares (a chat
+        template's start) is answered by the most recent of those from now on, not forgotten with it."""
         entry, (_, _, hashes, size) = self._entries.popitem(last=False)
         self.bytes -= size
-        for h in hashes:
-            if self._prefixes.get(h, (None,))[0] == entry:
-                del self._prefixes[h]
+        orphans = {h for h in hashes if self._prefixes.get(h, (None,))[0] == entry}
+        for h in orphans:
+            del self._prefixes[h]
+        for other, (_, _, other_hashes, _) in reversed(self._entries.items()):  # most recent first
+            if not orphans:
+                break
+            for b, h in enumerate(other_hashes, 1):
+                if h in orphans:  # a chained hash: the same block count b, so the same prefix length
+                    self._prefixes[h] = (other, b * BLOCK)
+                    orphans.discard(h)
