@@ -120,6 +120,43 @@ def test_rows_joining_and_leaving_in_any_order_keep_their_tokens(name, monkeypat
     assert engine.batch_positions == 0 and not engine.running
 
 
+def test_shared_buffers_hold_slots_for_the_rows_that_run_not_max_running():
+    """llama-gqa: a lone request's join allocates one row slot (not max_running: zeroing 16 rows of SmolLM2's
+    cache cost a lone request 20-40 ms before its prefill); slots double as more rows run, up to max_running,
+    rows keep their tokens through each growth, and the buffers go when the last row leaves."""
+    pipe = _pipe("llama-gqa")
+    engine = GenerationEngine(pipe, max_running=6)
+    greedy = dict(do_sample=False)
+
+    def slots():
+        return engine._rows.buffers[0].shape[0]
+
+    engine.add_request(0, PROMPTS[1], max_new_tokens=12, **greedy)
+    engine.step()
+    assert slots() == 1
+    seen, done = [], {}
+    arrivals = {2: [(1, PROMPTS[3], dict(max_new_tokens=10, **greedy))],
+                4: [(i, PROMPTS[i], dict(max_new_tokens=6, **greedy)) for i in (2, 5, 6)],
+                6: [(4, PROMPTS[0], dict(max_new_tokens=5, **greedy))]}
+    for step in range(1, 60):
+        for rid, prompt, kw in arrivals.get(step, []):
+            engine.add_request(rid, prompt, **kw)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if engine.running:
+            seen.append((len(engine.running), slots()))
+        if not engine.has_unfinished() and step > max(arrivals):
+            break
+    assert [s for _, s in seen][:6] == [1, 2, 2, 5, 5, 6]  # rows 1, 2, 2, 5, 5, 6: slots double or fit the join
+    assert all(rows <= slots <= 6 for rows, slots in seen)
+    prompts = {0: (PROMPTS[1], 12), 1: (PROMPTS[3], 10), 2: (PROMPTS[2], 6), 5: (PROMPTS[5], 6), 6: (PROMPTS[6], 6),
+               4: (PROMPTS[0], 5)}
+    for rid, (prompt, n) in prompts.items():
+        assert done[rid].token_ids == _alone(pipe, prompt, max_new_tokens=n, **greedy), rid
+    assert engine._rows.buffers == []
+
+
 def test_prompts_sharing_a_prefix_are_prefilled_from_where_they_part():
     """llama-gqa: prompts that start as earlier ones did (a long shared start, a conversation's next turn, a prompt
     that is an earlier one's prefix, one asked again) take the known KV and prefill the rest, alone or several

@@ -10,8 +10,9 @@ Every row has the same number of cache positions (the batch's width): a shorter 
 masked by attention_mask. Two layouts:
 
 - SlotCache, for exports whose past and present share one buffer (GroupQueryAttention on CPU): one buffer per
-  cache tensor, [max_rows, kv_heads, capacity, head_dim], allocated once for the batch's life; the running rows
-  are its first `rows` rows (a contiguous prefix, bound as is). A join prefills straight into the free rows after
+  cache tensor, [row slots, kv_heads, capacity, head_dim], kept for the batch's life (the slots double, up to
+  max_rows, when more rows are running than they hold); the running rows are its first `rows` rows (a contiguous
+  prefix, bound as is). A join prefills straight into the free rows after
   them and moves only those rows' positions to the batch's width; a leave moves the last rows into the freed
   ones; columns that only padding uses are trimmed when they are a quarter of the width (or the rotary tables
   would run out), so a leave or a join costs a few rows' copy, not the whole cache's (SmolLM2 at 8 rows: the
@@ -23,16 +24,18 @@ Moving positions: GroupQueryAttention rotates keys by their cache index, so a ro
 columns has its keys rotated by d as well (q_m . k_n depends on m - n alone: the logits stay as they were, up
 to float rounding). Other exports take positions from the mask and need nothing.
 
-Memory: SlotCache holds max_rows x capacity positions per cache tensor (capacity starts at the first prompt's
-width plus SHARED_HEADROOM and doubles when the width needs it; the width is at most the longest running row
-plus a third of padding); it is freed when the last row leaves.
+Memory: SlotCache holds slots x capacity positions per cache tensor, slots at most max_rows and at most twice
+the most rows that ran together (capacity starts at the first prompt's width plus SHARED_HEADROOM and doubles
+when the width needs it; the width is at most the longest running row plus a third of padding); it is freed when
+the last row leaves. Slots for the rows that run, not max_rows at once: a lone request's join zeroed and touched
+16 rows' worth (SmolLM2: 221 MB) and waited 20-40 ms for it before its prefill.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .kv_cache import (SHARED_HEADROOM, DecoderStepper, bind_buffers, cache_dtype, decoder_feeds,
-                       position_ids_from_mask, present_name, run_bound)
+                       position_ids_from_mask, present_name, run_bound, zeroed_buffers)
 from .prefix_cache import PrefixCache
 
 #: leading columns that only padding uses are trimmed once they are this many and a quarter of the width
@@ -112,7 +115,7 @@ class SlotCache:
         self.dtype = cache_dtype(session, self.past_names[0], kv_cache)
         self.num_kv_heads, self.head_dim = int(kv_cache["num_kv_heads"]), int(kv_cache["head_dim"])
         self.fed = [n for n in session.input_names if n not in set(self.past_names)]
-        self.buffers: list[np.ndarray] = []            # per past name: [max_rows, kv_heads, capacity, head_dim]
+        self.buffers: list[np.ndarray] = []            # per past name: [slots, kv_heads, capacity, head_dim]
         self.attention_mask = np.zeros((0, 0), np.int64)
         self._binding = None                            # the running rows' (the first `rows`), until they change
 
@@ -145,7 +148,7 @@ class SlotCache:
                 start = i + 1
         plans = [self._plan(prompts[i:i + n], hits[i:i + n]) for i, n in calls]
         new_width = max(width, *(plan[2] for plan in plans))
-        self._reserve(new_width + 1)
+        self._reserve(new_width + 1, k + m)
         logits = np.concatenate([self._prefill(k + i, prompts[i:i + n], hits[i:i + n], plan)
                                  for (i, n), plan in zip(calls, plans)])
         for (i, n), (_, _, w) in zip(calls, plans):  # every row's positions end at the batch's last column
@@ -199,7 +202,7 @@ class SlotCache:
         if self.rotary is not None and self.width + 1 > self.rotary.positions:
             self._trim(force=True)  # padding columns count as cache indices: keep them inside the tables
         k = self.rows
-        self._reserve(self.width + 1)
+        self._reserve(self.width + 1, k)
         self.attention_mask = np.concatenate([self.attention_mask, np.ones((k, 1), np.int64)], axis=1)
         if self._binding is None:
             self._binding = bind_buffers(self.session, self.past_names, self.present_names,
@@ -241,14 +244,18 @@ class SlotCache:
             moved = self.rotary.moved(block, by) if is_key and self.rotary is not None else block.copy()
             buf[rows, :, start + by:start + by + length] = moved
 
-    def _reserve(self, width: int) -> None:
-        """Buffers with room for `width` positions (allocated, or doubled keeping the running rows)."""
-        capacity = self.buffers[0].shape[2] if self.buffers else 0
-        if width <= capacity:
+    def _reserve(self, width: int, rows: int) -> None:
+        """Buffers with room for `width` positions and `rows` rows (allocated, or grown keeping the running rows:
+        positions double, slots double up to max_rows)."""
+        slots, capacity = (self.buffers[0].shape[0], self.buffers[0].shape[2]) if self.buffers else (0, 0)
+        if width <= capacity and rows <= slots:
             return
-        new = width + SHARED_HEADROOM if not capacity else max(2 * capacity, width)
-        shape = (self.max_rows, self.num_kv_heads, new, self.head_dim)
-        grown = [np.zeros(shape, self.dtype) for _ in self.past_names]
+        if width > capacity:
+            capacity = width + SHARED_HEADROOM if not capacity else max(2 * capacity, width)
+        if rows > slots:
+            slots = min(self.max_rows, max(rows, 2 * slots))
+        shape = (slots, self.num_kv_heads, capacity, self.head_dim)
+        grown = zeroed_buffers(len(self.past_names), shape, self.dtype)
         for old, buf in zip(self.buffers, grown):
             buf[:self.rows, :, :self.width] = old[:self.rows, :, :self.width]
         self.buffers, self._binding = grown, None
