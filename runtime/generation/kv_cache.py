@@ -103,9 +103,10 @@ SHARED_HEADROOM = 256
 def zeroed_buffers(count: int, shape: tuple, dtype) -> list[np.ndarray]:
     """`count` zeroed C-contiguous arrays of `shape`, views of one allocation. One block, not one array per cache
     tensor: glibc serves a freed size from its heap afterwards (its mmap threshold rises to the largest block
-    freed, up to 32 MB), and zeroing heap memory is a memset of every byte, so the generation engine's first join
-    after its batch emptied spent 4-90 ms allocating SmolLM2's 60 x 3.7 MB tensors (16 rows) before its prefill;
-    a block above the threshold comes from mmap as untouched zero pages, ~0.05 ms, whatever the heap did before."""
+    freed, up to 32 MB), and zeroing heap memory is a memset of every byte: SmolLM2's 60 x 3.7 MB tensors (16 rows)
+    took 4-90 ms that way. A block above 32 MB always comes from mmap as untouched zero pages (211 MB: ~0.05 ms);
+    a smaller one may still be a memset (13 MB, one row: 0.5-2 ms), which is why the engine's slots follow the
+    rows that run (batch_cache.py)."""
     return list(np.zeros((count, *shape), dtype))
 
 
